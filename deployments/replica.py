@@ -1,0 +1,70 @@
+"""ModelReplica: loads the model once and runs batches through the engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+import torch
+from ray import serve
+
+from serve_app.config import AppArgs
+from serve_app.engine.async_engine import AsyncEngine
+from serve_app.engine.batch_engine import BatchEngine
+from serve_app.engine.loading import context_length, eos_token_ids, load_model, select_device
+from serve_app.engine.types import GenerationRequest
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="ModelReplica")
+class ModelReplica:
+    def __init__(self, args: dict):
+        self.args = AppArgs.model_validate(args)
+        if self.args.torch_threads:
+            torch.set_num_threads(self.args.torch_threads)
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned us, so "cuda" is exactly those.
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.device = select_device(self.args.device)
+        model, tokenizer = load_model(self.args.model, self.args.dtype, self.device)
+        self.max_model_len = context_length(model.config, tokenizer, self.args.max_model_len)
+        self.engine = AsyncEngine(BatchEngine(
+            model, tokenizer, eos_token_ids(model, tokenizer),
+            max_batch_size=self.args.max_batch_size, max_model_len=self.max_model_len,
+        ))
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        logger.info("replica %s: model %s on %s (assigned GPUs %s, CUDA_VISIBLE_DEVICES=%s)",
+                    self.replica_id, self.args.model, self.device, self.gpu_ids or "none",
+                    os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+
+    async def generate_batch(self, requests: list[GenerationRequest]):
+        """Stream a batch: a header naming this replica, then one list of outputs per engine step."""
+        yield {"replica_id": self.replica_id}
+        async for outputs in self.engine.generate(requests):
+            yield outputs
+
+    def cancel(self, request_ids: list[str], replica_id: str | None = None) -> None:
+        """Stop these sequences at the next step (`replica_id` is for routing only)."""
+        self.engine.cancel(request_ids)
+
+    def info(self) -> dict:
+        return {
+            "replica_id": self.replica_id,
+            "device": str(self.device),
+            "gpu_ids": self.gpu_ids,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "in_flight_sequences": self.engine.num_sequences,
+            "running_sequences": self.engine.num_running,
+            "engine_steps": self.engine.steps,
+            "max_model_len": self.max_model_len,
+        }
+
+    def check_health(self) -> None:
+        if not self.engine.alive:
+            raise RuntimeError("the engine thread has stopped")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

@@ -1,0 +1,89 @@
+"""Typed arguments of the application: the single source of defaults.
+
+`serve_config.yaml` passes `args:` to `serve_app.app:build_app`, which validates
+them with `AppArgs`. A wrong field fails at startup with a message naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+
+
+class AutoscalingArgs(BaseModel):
+    """How many model replicas run, and how fast that number follows the load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle (0 = scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Upper bound; on a GPU cluster, the number of GPUs.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time (default: min, or 1 if min is 0).")
+    target_sequences_per_replica: float = Field(
+        16, gt=0, description="Queued + in-flight sequences one replica should carry; usually ~max_batch_size/2."
+    )
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    metrics_interval_s: float = Field(1.0, gt=0, description="How often replicas and the router report load.")
+    look_back_period_s: float = Field(5.0, gt=0, description="Window over which reported load is averaged.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingArgs":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
+        return self
+
+    @property
+    def start_replicas(self) -> int:
+        if self.initial_replicas is not None:
+            return self.initial_replicas
+        return max(self.min_replicas, 1)
+
+
+class AppArgs(BaseModel):
+    """Everything a user configures; every field has a working default."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # Model
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Hugging Face hub id, local directory, or a built-in offline model "
+        "('builtin:smollm2-135m-instruct', 'builtin:tiny-llama').",
+    )
+    served_model_name: str | None = Field(None, description="Name clients pass as `model` (default: `model`).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = the GPU Ray assigned, else CPU.")
+    max_model_len: int | None = Field(None, gt=0, description="Context limit (default: the model's own).")
+    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads per CPU replica.")
+
+    # Batching and queueing
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences a replica decodes together.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long the router waits to fill a batch.")
+    max_queue_len: int = Field(256, ge=1, description="Requests waiting in the router; beyond it clients get 429.")
+    max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    request_timeout_s: float | None = Field(
+        600.0, gt=0, description="Per-request deadline (a client may lower it with the X-Request-Timeout header)."
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503.")
+
+    # Placement
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per replica (default: 1 if the cluster has GPUs, else 0).")
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved per model replica.")
+    router_num_cpus: float = Field(0, ge=0)
+    ingress_num_cpus: float = Field(0, ge=0)
+    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
+
+    # Security
+    api_key: str | None = Field(None, description="If set, clients must send `Authorization: Bearer <key>`.")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model

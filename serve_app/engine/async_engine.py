@@ -1,0 +1,129 @@
+"""Drives a BatchEngine on its own thread and streams results to asyncio callers.
+
+Compute never blocks the event loop (it runs on one worker thread); callers
+submit groups of requests and read back, per engine step, the outputs of their
+group as one list: one message per step per group, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from serve_app.engine.batch_engine import BatchEngine
+from serve_app.engine.types import GenerationRequest, SequenceOutput
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[list[SequenceOutput]], None]
+
+
+class AsyncEngine:
+    def __init__(self, engine: BatchEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}  # request_id -> its group's sink (worker thread only)
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self.num_sequences = 0  # waiting + running, as of the last step (read by stats)
+        self.num_running = 0
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ asyncio side
+
+    async def generate(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
+        """Yield lists of outputs for these requests until each has finished.
+
+        Closing or cancelling the iterator cancels whatever is still unfinished.
+        """
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[list[SequenceOutput]] = asyncio.Queue()
+
+        def sink(outputs: list[SequenceOutput]) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, outputs)
+
+        pending = {r.request_id for r in requests}
+        self._send(("add", requests, sink))
+        try:
+            while pending:
+                batch = await inbox.get()
+                while not inbox.empty():  # coalesce steps the caller fell behind on
+                    batch += inbox.get_nowait()
+                for out in batch:
+                    if out.finished:
+                        pending.discard(out.request_id)
+                yield batch
+        finally:
+            if pending:
+                self.cancel(pending)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def cancel(self, request_ids) -> None:
+        self._send(("cancel", list(request_ids), None))
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    def _send(self, command) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # ------------------------------------------------------------ worker thread
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._apply_commands()
+            if not self.engine.has_work:
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # never leave a caller hanging on a failed step
+                logger.exception("engine step failed; failing the sequences in flight")
+                outputs = self.engine.abort_all(f"generation failed: {type(e).__name__}: {e}")
+            self.steps += 1
+            self.num_sequences = self.engine.num_sequences
+            self.num_running = len(self.engine.running)
+            self._deliver(outputs)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, payload, sink = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                for request in payload:
+                    try:
+                        self.engine.add(request)
+                        self._sinks[request.request_id] = sink
+                    except ValueError as e:
+                        sink([SequenceOutput(request.request_id, finish_reason="error", error=str(e),
+                                             prompt_tokens=len(request.prompt_token_ids))])
+            else:
+                for request_id in payload:
+                    self.engine.cancel(request_id)
+            self.num_sequences = self.engine.num_sequences
+
+    def _deliver(self, outputs: list[SequenceOutput]) -> None:
+        by_sink: dict[Sink, list[SequenceOutput]] = {}
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is None:
+                continue
+            by_sink.setdefault(sink, []).append(out)
+            if out.finished:
+                del self._sinks[out.request_id]
+        for sink, outs in by_sink.items():
+            sink(outs)

@@ -1,0 +1,63 @@
+"""Next-token selection where each row of the batch has its own parameters."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from serve_app.engine.types import SamplingParams
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A per-sequence RNG: seeded requests replay exactly, whatever batch they land in."""
+    if params.greedy:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+    return gen
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k / nucleus (rows: k=0 and p=1 mean off)."""
+    vocab = logits.shape[-1]
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(-1)
+    remove = ranks >= k
+    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    # Drop a token once the mass before it already reaches top_p (the top token always stays).
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove |= mass_before >= top_p.unsqueeze(-1)
+    remove[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+
+
+def sample_next_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """Pick one token per row. `logits` is [batch, vocab] for the last position."""
+    logits = logits.float()
+    greedy_tokens = logits.argmax(dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled_rows:
+        return greedy_tokens.tolist()
+
+    rows = torch.tensor(sampled_rows, device=logits.device)
+    sub = logits.index_select(0, rows)
+    temps = torch.tensor([params[i].temperature for i in sampled_rows], device=logits.device)
+    sub = sub / temps.unsqueeze(-1)
+    if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in sampled_rows):
+        top_k = torch.tensor([params[i].top_k for i in sampled_rows], device=logits.device)
+        top_p = torch.tensor([params[i].top_p for i in sampled_rows], device=logits.device)
+        sub = filter_logits(sub, top_k, top_p)
+    probs = sub.softmax(dim=-1)
+
+    tokens = greedy_tokens.tolist()
+    for j, i in enumerate(sampled_rows):
+        tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]).item())
+    return tokens

@@ -1,0 +1,254 @@
+"""OpenAI semantics on top of a generation backend.
+
+Turns request bodies into validated, tokenized `GenerationRequest`s (chat
+template, context-length checks, defaults) and engine outputs into OpenAI
+responses and stream chunks. Plain Python: the ingress deployment adds HTTP;
+unit tests plug in any backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from serve_app.config import AppArgs
+from serve_app.engine.types import GenerationRequest, SamplingParams, SequenceOutput
+from serve_app.protocol import (
+    APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
+    GenerateRequest, ModelCard, ModelList, Usage, new_id, now,
+)
+
+
+class Backend(Protocol):
+    async def complete(self, request: GenerationRequest) -> SequenceOutput: ...
+    def stream(self, request: GenerationRequest) -> AsyncIterator[list[SequenceOutput]]: ...
+
+
+def parse_body(model_cls: type[BaseModel], body: Any) -> BaseModel:
+    """Validate a JSON body; the first problem becomes a 400 naming its field."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_body")
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p)) or None
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                           code="unsupported_parameter") from None
+        if err["type"] == "missing":
+            raise APIError(400, f"'{param}' is a required property", param=param, code="missing_field") from None
+        raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param,
+                       code="invalid_value") from None
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready to run: its OpenAI form and its engine form."""
+
+    body: CompletionRequest | ChatCompletionRequest
+    requests: list[GenerationRequest]
+    response_id: str
+
+
+class OpenAIFrontend:
+    def __init__(self, args: AppArgs, tokenizer, max_model_len: int, backend: Backend):
+        self.args = args
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.backend = backend
+        self.created = now()
+
+    # ------------------------------------------------------------ preparing
+
+    def models(self) -> dict:
+        card = ModelCard(id=self.args.model_name, created=self.created, max_model_len=self.max_model_len)
+        return ModelList(data=[card]).model_dump()
+
+    def prepare_completion(self, body: Any) -> Prepared:
+        req = parse_body(CompletionRequest, body)
+        self._check_common(req)
+        rid = new_id("cmpl")
+        ids = [self._encode(p, "prompt") for p in req.prompts]
+        return Prepared(req, [self._engine_request(f"{rid}-{i}", t, req, req.max_tokens)
+                              for i, t in enumerate(ids)], rid)
+
+    def prepare_chat(self, body: Any) -> Prepared:
+        req = parse_body(ChatCompletionRequest, body)
+        self._check_common(req)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, f"model {self.args.model_name!r} has no chat template; use /v1/completions",
+                           param="messages", code="no_chat_template")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # the template itself may reject a conversation (e.g. role order)
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+        rid = new_id("chatcmpl")
+        return Prepared(req, [self._engine_request(rid, self._encode(text, "messages"), req,
+                                                   req.requested_max_tokens)], rid)
+
+    def prepare_generate(self, body: Any) -> GenerationRequest:
+        req = parse_body(GenerateRequest, body)
+        ids = self._encode(req.prompt, "prompt")
+        return self._make_request(new_id("gen"), ids, SamplingParams(max_tokens=req.max_length, temperature=0),
+                                  "max_length")
+
+    def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> None:
+        if req.model != self.args.model_name:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
+                                f"'{self.args.model_name}'", param="model", code="model_not_found")
+        req.check_supported()
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=param == "prompt")["input_ids"]
+        if not ids:
+            if self.tokenizer.bos_token_id is None:
+                raise APIError(400, f"'{param}' must not be empty", param=param)
+            ids = [self.tokenizer.bos_token_id]
+        return ids
+
+    def _engine_request(self, rid: str, ids: list[int], req, max_tokens: int | None) -> GenerationRequest:
+        room = self.max_model_len - len(ids)
+        if max_tokens is None:
+            max_tokens = max(1, min(self.args.max_tokens_default, room))
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            stop=tuple(req.stop), seed=req.seed, ignore_eos=req.ignore_eos,
+        )
+        return self._make_request(rid, ids, params, "max_tokens")
+
+    def _make_request(self, rid: str, ids: list[int], params: SamplingParams, max_param: str) -> GenerationRequest:
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} in the "
+                f"completion). Please reduce the prompt or {max_param}.",
+                param=max_param, code="context_length_exceeded",
+            )
+        return GenerationRequest(request_id=rid, prompt_token_ids=ids, params=params)
+
+    # ------------------------------------------------------------ running
+
+    async def _complete_all(self, prepared: Prepared) -> list[SequenceOutput]:
+        outs = await asyncio.gather(*(self.backend.complete(r) for r in prepared.requests))
+        for out in outs:
+            raise_if_failed(out)
+        return list(outs)
+
+    async def completion(self, prepared: Prepared) -> dict:
+        outs = await self._complete_all(prepared)
+        return CompletionResponse(
+            id=prepared.response_id, created=now(), model=self.args.model_name,
+            choices=[CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason)
+                     for i, o in enumerate(outs)],
+            usage=total_usage(outs),
+        ).model_dump()
+
+    async def chat(self, prepared: Prepared) -> dict:
+        (out,) = await self._complete_all(prepared)
+        return ChatCompletionResponse(
+            id=prepared.response_id, created=now(), model=self.args.model_name,
+            choices=[ChatChoice(index=0, message=AssistantMessage(content=out.text),
+                                finish_reason=out.finish_reason)],
+            usage=total_usage([out]),
+        ).model_dump()
+
+    async def generate(self, request: GenerationRequest) -> dict:
+        out = await self.backend.complete(request)
+        raise_if_failed(out)
+        prompt = self.tokenizer.decode(request.prompt_token_ids, skip_special_tokens=True)
+        return {"generated_text": prompt + out.text}
+
+    async def completion_chunks(self, prepared: Prepared) -> AsyncIterator[dict]:
+        """OpenAI `text_completion` chunks, one per output delta, then usage if asked."""
+        finals: dict[int, SequenceOutput] = {}
+        async for index, out in merged_streams(self.backend, prepared.requests):
+            raise_if_failed(out)
+            if not out.text and not out.finished:
+                continue
+            if out.finished:
+                finals[index] = out
+            yield {"id": prepared.response_id, "object": "text_completion", "created": now(),
+                   "model": self.args.model_name,
+                   "choices": [{"index": index, "text": out.text, "finish_reason": out.finish_reason,
+                                "logprobs": None}]}
+        if _include_usage(prepared.body):
+            yield {"id": prepared.response_id, "object": "text_completion", "created": now(),
+                   "model": self.args.model_name, "choices": [],
+                   "usage": total_usage(list(finals.values())).model_dump()}
+
+    async def chat_chunks(self, prepared: Prepared) -> AsyncIterator[dict]:
+        """OpenAI `chat.completion.chunk`s: a role chunk, content deltas, a finish chunk, usage if asked."""
+        def chunk(delta: ChatDelta, finish=None, usage=None, choices=True) -> dict:
+            return ChatCompletionChunk(
+                id=prepared.response_id, created=now(), model=self.args.model_name,
+                choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=finish)] if choices else [],
+                usage=usage,
+            ).model_dump(exclude_none=True)
+
+        yield chunk(ChatDelta(role="assistant", content=""))
+        final = None
+        async for _, out in merged_streams(self.backend, prepared.requests):
+            raise_if_failed(out)
+            if out.text:
+                yield chunk(ChatDelta(content=out.text))
+            if out.finished:
+                final = out
+                yield chunk(ChatDelta(), finish=out.finish_reason)
+        if _include_usage(prepared.body) and final is not None:
+            yield chunk(ChatDelta(), usage=total_usage([final]), choices=False)
+
+
+def raise_if_failed(out: SequenceOutput) -> None:
+    if out.finish_reason == "error":
+        raise APIError(500, out.error or "generation failed", type="server_error", code="generation_failed")
+
+
+def total_usage(outs: list[SequenceOutput]) -> Usage:
+    return Usage.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs))
+
+
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+async def merged_streams(backend: Backend, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, SequenceOutput]]:
+    """Interleave the output streams of several requests as (index, output) pairs."""
+    if len(requests) == 1:
+        async for outs in backend.stream(requests[0]):
+            for out in outs:
+                yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, request: GenerationRequest) -> None:
+        try:
+            async for outs in backend.stream(request):
+                for out in outs:
+                    queue.put_nowait((index, out))
+        except Exception as e:
+            queue.put_nowait((index, e))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            index, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
