@@ -32,7 +32,7 @@ class ModelReplica:
         self.engine = AsyncEngine(BatchEngine(
             model, tokenizer, eos_token_ids(model, tokenizer),
             max_batch_size=self.args.max_batch_size, max_model_len=self.max_model_len,
-        ))
+        ), stream_interval_s=self.args.stream_interval_s)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         logger.info("replica %s: model %s on %s (assigned GPUs %s, CUDA_VISIBLE_DEVICES=%s)",
                     self.replica_id, self.args.model, self.device, self.gpu_ids or "none",

@@ -25,6 +25,7 @@ class Router:
             max_queue_len=self.args.max_queue_len,
             capacity=self._capacity,
             retry_after_s=self.args.retry_after_s,
+            stream_interval_s=self.args.stream_interval_s,
         )
         # Share per-replica sequence counts with the handle's request router.
         self.scheduler.load_by_replica = routing_state.LOAD

@@ -21,7 +21,8 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from serve_app.engine.types import GenerationRequest, SequenceOutput
+from serve_app.engine.pacing import PacedReader
+from serve_app.engine.types import GenerationRequest, SequenceOutput, coalesce
 from serve_app.protocol import APIError, overloaded
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class BatchScheduler:
         max_queue_len: int,
         capacity: Callable[[], int],
         retry_after_s: int = 1,
+        stream_interval_s: float = 0.0,
     ):
         self._dispatch = dispatch
         self._cancel_remote = cancel_remote
@@ -63,6 +65,7 @@ class BatchScheduler:
         self.max_queue_len = max_queue_len
         self._capacity = capacity
         self.retry_after_s = retry_after_s
+        self.stream_interval_s = stream_interval_s
         self._queue: deque[Ticket] = deque()
         self._changed = asyncio.Event()  # queue grew or capacity freed
         self._loop_task: asyncio.Task | None = None
@@ -83,15 +86,14 @@ class BatchScheduler:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[SequenceOutput]]:
         """Yield this request's outputs as they are produced, until it finishes."""
         ticket = self._enqueue(request)
+        reader = PacedReader(ticket.inbox, self.stream_interval_s)
         try:
             while True:
-                outputs = [await ticket.inbox.get()]
-                while not ticket.inbox.empty():
-                    outputs.append(ticket.inbox.get_nowait())
+                outputs = await reader.next_batch()
                 for out in outputs:
                     if isinstance(out, Exception):
                         raise out
-                yield outputs
+                yield coalesce(outputs)
                 if outputs[-1].finished:
                     return
         finally:
@@ -102,12 +104,7 @@ class BatchScheduler:
         final = SequenceOutput(request.request_id)
         async for outputs in self.stream(request):
             for out in outputs:
-                final.text += out.text
-                final.token_ids += out.token_ids
-                final.finish_reason = out.finish_reason
-                final.prompt_tokens = out.prompt_tokens
-                final.completion_tokens = out.completion_tokens
-                final.error = out.error
+                final.absorb(out)
         return final
 
     def stats(self) -> dict:

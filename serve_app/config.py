@@ -67,6 +67,9 @@ class AppArgs(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences a replica decodes together.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long the router waits to fill a batch.")
     max_queue_len: int = Field(256, ge=1, description="Requests waiting in the router; beyond it clients get 429.")
+    stream_interval_s: float = Field(
+        0.02, ge=0, le=1, description="Least time between two stream messages per hop; tokens in between are merged."
+    )
     max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     request_timeout_s: float | None = Field(
         600.0, gt=0, description="Per-request deadline (a client may lower it with the X-Request-Timeout header)."

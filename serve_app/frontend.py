@@ -37,7 +37,7 @@ def parse_body(model_cls: type[BaseModel], body: Any) -> BaseModel:
         return model_cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p)) or None
+        param = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or None
         if err["type"] == "extra_forbidden":
             raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                            code="unsupported_parameter") from None
@@ -45,6 +45,14 @@ def parse_body(model_cls: type[BaseModel], body: Any) -> BaseModel:
             raise APIError(400, f"'{param}' is a required property", param=param, code="missing_field") from None
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param,
                        code="invalid_value") from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names the union member that failed (`str`, `list[str]`) in `loc`: not a field."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or part.startswith("function-"))
 
 
 @dataclass

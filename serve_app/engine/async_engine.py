@@ -14,7 +14,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from serve_app.engine.batch_engine import BatchEngine
-from serve_app.engine.types import GenerationRequest, SequenceOutput
+from serve_app.engine.pacing import PacedReader
+from serve_app.engine.types import GenerationRequest, SequenceOutput, coalesce
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +23,9 @@ Sink = Callable[[list[SequenceOutput]], None]
 
 
 class AsyncEngine:
-    def __init__(self, engine: BatchEngine):
+    def __init__(self, engine: BatchEngine, stream_interval_s: float = 0.0):
         self.engine = engine
+        self.stream_interval_s = stream_interval_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # request_id -> its group's sink (worker thread only)
         self._wakeup = threading.Event()
@@ -43,6 +45,7 @@ class AsyncEngine:
         """
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[list[SequenceOutput]] = asyncio.Queue()
+        reader = PacedReader(inbox, self.stream_interval_s)
 
         def sink(outputs: list[SequenceOutput]) -> None:
             loop.call_soon_threadsafe(inbox.put_nowait, outputs)
@@ -51,9 +54,7 @@ class AsyncEngine:
         self._send(("add", requests, sink))
         try:
             while pending:
-                batch = await inbox.get()
-                while not inbox.empty():  # coalesce steps the caller fell behind on
-                    batch += inbox.get_nowait()
+                batch = coalesce([out for step in await reader.next_batch() for out in step])
                 for out in batch:
                     if out.finished:
                         pending.discard(out.request_id)

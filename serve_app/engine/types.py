@@ -54,3 +54,25 @@ class SequenceOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def absorb(self, later: "SequenceOutput") -> None:
+        """Fold a later delta of the same sequence into this one."""
+        self.text += later.text
+        self.token_ids += later.token_ids
+        self.finish_reason = later.finish_reason
+        self.prompt_tokens = later.prompt_tokens
+        self.completion_tokens = later.completion_tokens
+        self.error = later.error
+
+
+def coalesce(outputs: list[SequenceOutput]) -> list[SequenceOutput]:
+    """Merge deltas per sequence (in first-seen order): one message carries each sequence once."""
+    merged: dict[str, SequenceOutput] = {}
+    for out in outputs:
+        if out.request_id in merged:
+            merged[out.request_id].absorb(out)
+        else:
+            merged[out.request_id] = SequenceOutput(
+                out.request_id, out.text, list(out.token_ids), out.finish_reason,
+                out.prompt_tokens, out.completion_tokens, out.error)
+    return list(merged.values())
