@@ -84,9 +84,9 @@ class Ingress:
     async def generate(self, body: dict) -> dict:
         return await self._run(self.frontend.generate(self.frontend.prepare_generate(body)))
 
-    async def stats(self) -> dict:
+    async def stats(self, include_replicas: bool = False) -> dict:
         return {"model": self.args.model_name, "max_model_len": self.max_model_len,
-                "router": await self.router.stats.remote()}
+                "router": await self.router.stats.remote(include_replicas)}
 
     async def _run(self, work, timeout: float | None = None):
         timeout = timeout or self.args.request_timeout_s
@@ -166,7 +166,8 @@ def build_http_app(ingress: Ingress) -> Starlette:
         return JSONResponse({"status": "ok", "model": args.model_name})
 
     async def stats(request: Request) -> Response:
-        return JSONResponse(await ingress.stats())
+        include = request.query_params.get("replicas", "").lower() in ("1", "true", "yes")
+        return JSONResponse(await ingress.stats(include))
 
     async def on_api_error(request: Request, exc: APIError) -> Response:
         return error_response(exc)

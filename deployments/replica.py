@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -9,6 +10,7 @@ import ray
 import torch
 from ray import serve
 
+from serve_app.autoscaling import IN_FLIGHT, ROUTER_QUEUE
 from serve_app.config import AppArgs
 from serve_app.engine.async_engine import AsyncEngine
 from serve_app.engine.batch_engine import BatchEngine
@@ -33,7 +35,9 @@ class ModelReplica:
             model, tokenizer, eos_token_ids(model, tokenizer),
             max_batch_size=self.args.max_batch_size, max_model_len=self.max_model_len,
         ), stream_interval_s=self.args.stream_interval_s)
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self._router = serve.get_deployment_handle("Router", context.app_name)
         logger.info("replica %s: model %s on %s (assigned GPUs %s, CUDA_VISIBLE_DEVICES=%s)",
                     self.replica_id, self.args.model, self.device, self.gpu_ids or "none",
                     os.environ.get("CUDA_VISIBLE_DEVICES", ""))
@@ -59,6 +63,14 @@ class ModelReplica:
             "engine_steps": self.engine.steps,
             "max_model_len": self.max_model_len,
         }
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Load for the autoscaling policy, in sequences (see serve_app.autoscaling)."""
+        try:
+            queued = await asyncio.wait_for(self._router.queue_length.remote(), timeout=1.0)
+        except Exception:  # the router is busy or restarting: report what we know
+            queued = 0
+        return {IN_FLIGHT: float(self.engine.num_sequences), ROUTER_QUEUE: float(queued)}
 
     def check_health(self) -> None:
         if not self.engine.alive:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -45,5 +47,14 @@ class Router:
         async for outputs in self.scheduler.stream(request):
             yield outputs
 
-    def stats(self) -> dict:
-        return {**self.scheduler.stats(), "replicas": len(routing_state.RUNNING_REPLICAS)}
+    def queue_length(self) -> int:
+        return self.scheduler.queue_length
+
+    async def stats(self, include_replicas: bool = False) -> dict:
+        """Queue and batching counters; with `include_replicas`, what each replica
+        reports about itself (a broadcast: for operators and tests, not hot paths)."""
+        stats = {**self.scheduler.stats(), "replicas": len(routing_state.RUNNING_REPLICAS)}
+        if include_replicas:
+            infos = await asyncio.wait_for(self._replicas.broadcast("info").results_async(), timeout=10)
+            stats["replica_info"] = sorted(infos, key=lambda r: r["replica_id"])
+        return stats

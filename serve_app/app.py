@@ -35,7 +35,8 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
 
     replica = ModelReplica.options(
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": num_gpus},
-        num_replicas=scaling.start_replicas,
+        autoscaling_config=scaling.serve_autoscaling_config(),
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
         # Batches are bounded by the router; Serve's per-replica cap must not add a second queue.
         max_ongoing_requests=4 * args.max_queue_len + 64,
         request_router_config=RequestRouterConfig(request_router_class=SequenceAwareRequestRouter),

@@ -39,6 +39,24 @@ class AutoscalingArgs(BaseModel):
             raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
         return self
 
+    def serve_autoscaling_config(self) -> dict:
+        """Ray Serve's `autoscaling_config` for the model replicas."""
+        from serve_app.autoscaling import SequenceAutoscalingPolicy
+
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "initial_replicas": self.start_replicas,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
+            "policy": {
+                "policy_function": SequenceAutoscalingPolicy,
+                "policy_kwargs": {"target_sequences_per_replica": self.target_sequences_per_replica},
+            },
+        }
+
     @property
     def start_replicas(self) -> int:
         if self.initial_replicas is not None:
@@ -83,6 +101,9 @@ class AppArgs(BaseModel):
     router_num_cpus: float = Field(0, ge=0)
     ingress_num_cpus: float = Field(0, ge=0)
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
+    graceful_shutdown_timeout_s: float = Field(
+        120, ge=0, description="A replica being removed finishes its sequences for up to this long."
+    )
 
     # Security
     api_key: str | None = Field(None, description="If set, clients must send `Authorization: Bearer <key>`.")
