@@ -1,0 +1,35 @@
+"""The load generator and report writers against the running test server (fields and counts, not speed)."""
+
+import asyncio
+
+from bench.loadgen import Workload, run_load
+from bench.report import chart, markdown_table
+from tests.conftest import TINY
+
+
+def test_loadgen_fixed_concurrency_report(server, tmp_path):
+    report = asyncio.run(run_load(server, TINY, Workload(input_tokens=16, output_tokens=8), num_requests=6,
+                                  concurrency=3))
+    assert report["completed"] == 6 and report["failed_by_status"] == {}
+    assert report["output_tokens_per_s"] > 0 and report["request_throughput"] > 0
+    for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        assert set(report[metric]) == {"p50", "p90", "p99", "mean"}
+    assert report["ttft_s"]["p50"] <= report["e2e_s"]["p50"]
+    report["system"] = "serve_app"
+    table = markdown_table([report])
+    assert "serve_app" in table and "6/6" in table
+    chart([report], offline_tps=100.0, path=tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").stat().st_size > 1000
+
+
+def test_loadgen_poisson_and_mixed_lengths(server):
+    workload = Workload(input_tokens=16, mixed_output=(2, 12), seed=3)
+    report = asyncio.run(run_load(server, TINY, workload, num_requests=5, request_rate=20.0))
+    assert report["completed"] == 5 and report["mode"] == "rate=20.0/s"
+    lengths = [n for _, n in workload.requests(5)]
+    assert len(set(lengths)) > 1 and lengths == [n for _, n in workload.requests(5)]  # seeded
+
+
+def test_loadgen_counts_failures_by_status(server):
+    report = asyncio.run(run_load(server, "not-a-model", Workload(8, 2), num_requests=3, concurrency=3))
+    assert report["completed"] == 0 and report["failed_by_status"] == {404: 3}
