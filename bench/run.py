@@ -126,7 +126,7 @@ def main() -> None:
     a = p.parse_args()
 
     levels = a.levels or ([1, 32] if a.quick else [1, 8, 32, 64])
-    per_level = 32 if a.quick else 64
+    per_level = 32
     workload = Workload(input_tokens=128, output_tokens=128)
     server_args = {"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s,
                    "torch_threads": a.torch_threads, "num_cpus": 1, "num_gpus": 0}

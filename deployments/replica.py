@@ -62,6 +62,7 @@ class ModelReplica:
             "running_sequences": self.engine.num_running,
             "engine_steps": self.engine.steps,
             "max_model_len": self.max_model_len,
+            "torch_threads": torch.get_num_threads(),
         }
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

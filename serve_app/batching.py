@@ -5,7 +5,7 @@ sends one batch somewhere (a model replica, through a DeploymentHandle, in
 production; a fake in unit tests) and streams back that batch's outputs.
 
 - A batch is sent when `max_batch_size` requests wait or `batch_wait_timeout_s`
-  has passed since the first one arrived, and only while replicas have free
+  has passed since the first one arrived (at once when replicas are idle), and only while replicas have free
   slots (`capacity()` sequences in flight): the overflow waits here, where it
   is visible (queue length drives autoscaling) and bounded (429 beyond it).
 - Each caller reads only its own outputs; a caller that goes away is removed
@@ -160,9 +160,11 @@ class BatchScheduler:
             while not self._queue or self._free_slots() == 0:
                 self._changed.clear()
                 await self._changed.wait()
-            # Wait for the batch to fill, but no longer than the timeout from its first request.
+            # Wait for the batch to fill, but no longer than the timeout from its first request;
+            # not at all when replicas are idle: waiting would only add latency, and requests
+            # arriving later still join the running batch on the replica (continuous batching).
             deadline = self._queue[0].enqueued_at + self.batch_wait_timeout_s
-            while len(self._queue) < min(self.max_batch_size, self._free_slots()):
+            while self.in_flight and len(self._queue) < min(self.max_batch_size, self._free_slots()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

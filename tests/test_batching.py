@@ -51,21 +51,36 @@ def req(i):
 
 async def test_concurrent_requests_are_batched_and_answered_individually():
     fake = FakeReplicas()
-    sched = make(fake)
+    sched = make(fake, capacity=lambda: 8)
+    busy = asyncio.create_task(sched.complete(req(9)))  # replicas busy: later requests wait to batch
+    await asyncio.sleep(0.005)
     outs = await asyncio.gather(*(sched.complete(req(i)) for i in range(4)))
+    await busy
     assert [o.text for o in outs] == [f"q{i}.q{i}.q{i}." for i in range(4)]
-    assert fake.batches == [["q0", "q1", "q2", "q3"]]
-    assert sched.stats()["batch_size_histogram"] == {4: 1}
+    assert fake.batches == [["q9"], ["q0", "q1", "q2", "q3"]]
+    assert sched.stats()["batch_size_histogram"] == {1: 1, 4: 1}
 
 
-async def test_a_lone_request_waits_at_most_the_batch_timeout():
+async def test_idle_replicas_get_a_lone_request_at_once():
     fake = FakeReplicas(steps=1, step_s=0)
-    sched = make(fake, batch_wait_timeout_s=0.05)
+    sched = make(fake, batch_wait_timeout_s=5.0)
     loop = asyncio.get_running_loop()
     start = loop.time()
     await sched.complete(req(0))
-    assert loop.time() - start < 0.5
-    assert fake.batches == [["q0"]]
+    assert loop.time() - start < 1.0  # did not wait out the 5 s batching window
+
+
+async def test_while_busy_a_lone_request_waits_at_most_the_batch_timeout():
+    fake = FakeReplicas(steps=30)
+    sched = make(fake, batch_wait_timeout_s=0.05, capacity=lambda: 8)
+    busy = asyncio.create_task(sched.complete(req(9)))
+    await asyncio.sleep(0.005)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await sched.complete(req(0))
+    assert 0.04 < loop.time() - start < 1.0
+    assert fake.batches[1] == ["q0"]
+    await busy
 
 
 async def test_dispatch_waits_for_free_capacity():

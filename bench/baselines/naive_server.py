@@ -31,7 +31,9 @@ def build(model_name: str) -> FastAPI:
     app = FastAPI()
 
     @app.post("/v1/completions")
-    def completions(req: Completion) -> dict:  # sync: FastAPI runs it in a thread; the GIL + torch serialize
+    async def completions(req: Completion) -> dict:
+        # As in the seed document: `async def` calling generate blocks the event loop,
+        # so requests are served strictly one at a time.
         ids = tokenizer(req.prompt, return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=req.max_tokens, do_sample=False,
