@@ -51,10 +51,11 @@ class RequestResult:
     ttft_s: float = 0.0
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
+    streamed: bool = True
 
     @property
     def tpot_s(self) -> float | None:
-        if self.output_tokens <= 1:
+        if self.output_tokens <= 1 or not self.streamed:  # a non-streaming server shows no token timing
             return None
         return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
@@ -74,7 +75,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
             if not stream:
                 data = await resp.json()
                 e2e = time.perf_counter() - start
-                return RequestResult(True, 200, data["usage"]["completion_tokens"], e2e, e2e)
+                return RequestResult(True, 200, data["usage"]["completion_tokens"], e2e, e2e, streamed=False)
             first = last = None
             itl, tokens = [], 0
             async for raw in resp.content:

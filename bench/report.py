@@ -42,7 +42,8 @@ def chart(runs: list[dict], offline_tps: float | None, path: Path) -> None:
         right.plot(xs, [r["ttft_s"]["p99"] * 1000 for _, r in points], marker="o", label=system)
     if offline_tps:
         left.axhline(offline_tps, linestyle="--", color="gray", label="offline limit (static batch)")
-    for ax, title in ((left, "output tokens/s"), (right, "p99 TTFT (ms)")):
+    right.set_yscale("log")
+    for ax, title in ((left, "output tokens/s"), (right, "p99 TTFT (ms, log)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)

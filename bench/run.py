@@ -113,6 +113,34 @@ def run_naive(model: str, port: int, levels, per_level, workload) -> list[dict]:
         proc.wait(timeout=30)
 
 
+def run_transformers_serve(model: str, port: int, workload: Workload, concurrency: int, n: int) -> list[dict]:
+    """`transformers serve --continuous-batching`, the transformers package's own server.
+
+    It rejects `ignore_eos` (422), so it gets the same prompts without it; throughput
+    counts the tokens it actually returned."""
+    from serve_app.engine.builtin_models import resolve_model_path
+
+    path = resolve_model_path(model)
+    cli = Path(sys.executable).with_name("transformers")
+    # Its default cache sizing asks for 8 GB and refuses to start here: size it for 32 x 256 tokens.
+    proc = subprocess.Popen([str(cli), "serve", path, "--continuous-batching", "--device", "cpu",
+                             "--port", str(port), "--cb-num-blocks", "256", "--cb-block-size", "32",
+                             "--cb-max-batch-tokens", "256"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, timeout=300)
+        report = asyncio.run(run_load(url, path, workload, n, concurrency=concurrency, extra={}))
+        report["system"] = "transformers serve (CB)"
+        print(f"  tf-serve   c={concurrency:<3d} {report['output_tokens_per_s']:7.1f} tok/s  "
+              f"TTFT p50 {(report['ttft_s']['p50'] or 0) * 1000:7.0f} ms  failed {report['failed_by_status']}",
+              flush=True)
+        return [report]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -123,6 +151,8 @@ def main() -> None:
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--only-transformers-serve", action="store_true",
+                   help="run just the transformers-serve peer at concurrency 32 (appends to <name>.json)")
     a = p.parse_args()
 
     levels = a.levels or ([1, 32] if a.quick else [1, 8, 32, 64])
@@ -135,6 +165,19 @@ def main() -> None:
         ("mixed c=32", dict(workload=Workload(128, 128, mixed_output=(16, 256), seed=1), num_requests=64,
                             concurrency=32)),
     ]
+    if a.only_transformers_serve:
+        name = a.name or "full"
+        path = RESULTS / f"{name}.json"
+        payload = json.loads(path.read_text())
+        try:
+            extra_runs = run_transformers_serve(a.model, free_port(), workload, 32, 32)
+        except Exception as e:  # report, don't hide: the peer may not start on this machine
+            payload["transformers_serve_error"] = f"{type(e).__name__}: {e}"
+            extra_runs = []
+        payload["runs"] = [r for r in payload["runs"] if not r["system"].startswith("transformers")] + extra_runs
+        path.write_text(json.dumps(payload, indent=2))
+        write_reports(name, payload)
+        return
     print(f"benchmark: {a.model}, levels {levels}, server args {server_args}", flush=True)
     offline = offline_limit(a.model, workload, 32, 32, a.torch_threads)
     runs = run_serve_app(a.model, free_port(), server_args, levels, per_level, workload, extra)
@@ -158,14 +201,21 @@ def main() -> None:
     payload = {"model": a.model, "machine": machine, "server_args": server_args, "offline": offline,
                "ratios": ratios, "runs": runs}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    write_reports(name, payload)
+
+
+def write_reports(name: str, payload: dict) -> None:
+    offline, ratios, runs = payload["offline"], payload["ratios"], payload["runs"]
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    summary = (f"Model {a.model}; {machine}.\n\n"
+    summary = (f"Model {payload['model']}; {payload['machine']}.\n\n"
                f"Offline limit (static batch 32): {offline['output_tokens_per_s']:.1f} tok/s; "
                f"batch-1 prefill {offline['prefill_s'] * 1000:.0f} ms.\n\n"
                f"- serve_app / naive at concurrency 32: **{fmt(ratios['vs_naive_c32'], '.2f')}×**\n"
                f"- serve_app / offline limit at batch 32: **{fmt(ratios['vs_offline_b32'], '.2f')}×**\n"
                f"- TTFT overhead over offline prefill at concurrency 1 (p50): "
                f"**{fmt(ratios['ttft_overhead_c1_ms'], '.0f')} ms**\n")
+    if payload.get("transformers_serve_error"):
+        summary += f"- transformers serve did not run: {payload['transformers_serve_error']}\n"
     table = markdown_table(runs)
     (RESULTS / f"{name}.md").write_text(summary + "\n" + table + "\n")
     chart(runs, offline["output_tokens_per_s"], RESULTS / f"{name}.png")

@@ -109,10 +109,13 @@ def build_http_app(ingress: Ingress) -> Starlette:
     args = ingress.args
     frontend = ingress.frontend
 
-    async def read_json(request: Request):
+    def check_auth(request: Request) -> None:
         if args.api_key and request.headers.get("authorization") != f"Bearer {args.api_key}":
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            type="authentication_error", code="invalid_api_key")
+
+    async def read_json(request: Request):
+        check_auth(request)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > args.max_body_bytes:
             raise APIError(413, f"request body is larger than {args.max_body_bytes} bytes", code="body_too_large")
@@ -160,12 +163,14 @@ def build_http_app(ingress: Ingress) -> Starlette:
         return JSONResponse(await ingress._run(frontend.generate(prepared), timeout))
 
     async def models(request: Request) -> Response:
+        check_auth(request)
         return JSONResponse(frontend.models())
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": args.model_name})
 
     async def stats(request: Request) -> Response:
+        check_auth(request)
         include = request.query_params.get("replicas", "").lower() in ("1", "true", "yes")
         return JSONResponse(await ingress.stats(include))
 

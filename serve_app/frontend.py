@@ -201,9 +201,13 @@ class OpenAIFrontend:
                 usage=usage,
             ).model_dump(exclude_none=True)
 
+        # Wait for the first output before the role chunk: a full queue must still be able
+        # to answer with an HTTP 429, which is impossible once a chunk has been sent.
+        outputs = merged_streams(self.backend, prepared.requests)
+        first = await anext(outputs, None)
         yield chunk(ChatDelta(role="assistant", content=""))
         final = None
-        async for _, out in merged_streams(self.backend, prepared.requests):
+        async for _, out in _prepend(first, outputs):
             raise_if_failed(out)
             if out.text:
                 yield chunk(ChatDelta(content=out.text))
@@ -212,6 +216,13 @@ class OpenAIFrontend:
                 yield chunk(ChatDelta(), finish=out.finish_reason)
         if _include_usage(prepared.body) and final is not None:
             yield chunk(ChatDelta(), usage=total_usage([final]), choices=False)
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
 
 
 def raise_if_failed(out: SequenceOutput) -> None:
