@@ -116,12 +116,13 @@ def build_http_app(ingress: Ingress) -> Starlette:
 
     async def read_json(request: Request):
         check_auth(request)
+        too_large = APIError(413, f"request body is larger than {args.max_body_bytes} bytes", code="body_too_large")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > args.max_body_bytes:
-            raise APIError(413, f"request body is larger than {args.max_body_bytes} bytes", code="body_too_large")
+            raise too_large  # refuse before reading it
         raw = await request.body()
         if len(raw) > args.max_body_bytes:
-            raise APIError(413, f"request body is larger than {args.max_body_bytes} bytes", code="body_too_large")
+            raise too_large
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -79,7 +79,10 @@ class AppArgs(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = the GPU Ray assigned, else CPU.")
     max_model_len: int | None = Field(None, gt=0, description="Context limit (default: the model's own).")
-    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads per CPU replica.")
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads of a CPU replica (default: all the node's cores; "
+        "Ray would give it one per reserved CPU, 24% slower measured on 2 cores)."
+    )
 
     # Batching and queueing
     max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences a replica decodes together.")
