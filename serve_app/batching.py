@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from serve_app.engine.pacing import PacedReader
 from serve_app.engine.types import GenerationRequest, SequenceOutput, coalesce
-from serve_app.protocol import APIError, overloaded
+from serve_app.protocol import APIError, queue_full
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class BatchScheduler:
     def _enqueue(self, request: GenerationRequest) -> Ticket:
         if len(self._queue) >= self.max_queue_len:
             self.rejected += 1
-            raise overloaded(
+            raise queue_full(
                 f"server is at capacity: {len(self._queue)} requests are already waiting; retry later",
                 retry_after=self.retry_after_s,
             )

@@ -47,9 +47,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def overloaded(message: str, retry_after: int, status: int = 429) -> APIError:
-    return APIError(status, message, type="rate_limit_error" if status == 429 else "server_error",
-                    code="queue_full" if status == 429 else "unavailable", retry_after=retry_after)
+def queue_full(message: str, retry_after: int) -> APIError:
+    return APIError(429, message, type="rate_limit_error", code="queue_full", retry_after=retry_after)
 
 
 # ---------------------------------------------------------------- requests
