@@ -8,8 +8,9 @@ invisible to it. Each replica reports, through `record_autoscaling_stats`:
 - `router_queue_length`: sequences waiting in the router (the same global
   number from every replica: the policy takes the max, not the sum).
 
-Serve wraps the policy with min/max bounds and the upscale/downscale delays
-from the deployment's autoscaling_config, so this returns the raw target.
+Serve wraps the policy with the upscale/downscale delays (and min/max bounds)
+from the deployment's autoscaling_config; the policy also clamps to the bounds
+itself, so it is correct when called on its own.
 """
 
 from __future__ import annotations

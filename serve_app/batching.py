@@ -5,9 +5,10 @@ sends one batch somewhere (a model replica, through a DeploymentHandle, in
 production; a fake in unit tests) and streams back that batch's outputs.
 
 - A batch is sent when `max_batch_size` requests wait or `batch_wait_timeout_s`
-  has passed since the first one arrived (at once when replicas are idle), and only while replicas have free
-  slots (`capacity()` sequences in flight): the overflow waits here, where it
-  is visible (queue length drives autoscaling) and bounded (429 beyond it).
+  has passed since the first one arrived (at once when replicas are idle), and
+  only while replicas have free slots (`capacity()` sequences in flight): the
+  overflow waits here, where it is visible (queue length drives autoscaling)
+  and bounded (429 beyond it).
 - Each caller reads only its own outputs; a caller that goes away is removed
   from the queue, or cancelled on the replica running it.
 """
