@@ -26,14 +26,32 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_engine_factory(tiny_model):
+def lively_model(tiny_model):
+    """The tiny model's tokenizer with a random Llama whose greedy output varies from token to
+    token (larger init than the built-in one, whose output repeats): equality tests can fail."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_model[1]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_factory(lively_model):
     from serve_app.engine.batch_engine import BatchEngine
     from serve_app.engine.loading import eos_token_ids
 
-    model, tokenizer = tiny_model
+    model, tokenizer = lively_model
 
-    def make(max_batch_size: int = 8, max_model_len: int = 2048) -> BatchEngine:
-        return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), max_batch_size, max_model_len)
+    def make(max_batch_size: int = 8, max_model_len: int = 2048, **kw) -> BatchEngine:
+        return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), max_batch_size, max_model_len, **kw)
 
     return make
 

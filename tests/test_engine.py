@@ -1,4 +1,4 @@
-"""BatchEngine on the tiny offline model: what a caller of the engine sees."""
+"""BatchEngine on a tiny random Llama: what a caller of the engine sees."""
 
 import pytest
 
@@ -9,8 +9,8 @@ PROMPTS = ["hello world", "The quick brown fox jumps", "What is the capital of F
 
 
 @pytest.fixture
-def encode(tiny_model):
-    tokenizer = tiny_model[1]
+def encode(lively_model):
+    tokenizer = lively_model[1]
     return lambda text: tokenizer(text)["input_ids"]
 
 
@@ -86,10 +86,10 @@ def test_stop_string_ends_generation_and_is_excluded(tiny_engine_factory, encode
     assert text == full[: full.index(stop)]
 
 
-def test_eos_stops_unless_ignored(tiny_engine_factory, encode, tiny_model):
+def test_eos_stops_unless_ignored(tiny_engine_factory, encode, lively_model):
     engine = tiny_engine_factory()
-    eos = tiny_model[1].eos_token_id
-    engine.eos_token_ids = frozenset(range(len(tiny_model[1])))  # every token ends the sequence
+    eos = lively_model[1].eos_token_id
+    engine.eos_token_ids = frozenset(range(len(lively_model[1])))  # every token ends the sequence
     req = GenerationRequest(request_id="e", prompt_token_ids=encode("hi"),
                             params=SamplingParams(max_tokens=5, temperature=0))
     assert run(engine, [req])["e"][2].finish_reason == "stop"

@@ -44,7 +44,7 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ asyncio side
 
-    async def generate(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
+    async def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
         """Yield lists of outputs for these requests until each has finished.
 
         Closing or cancelling the iterator cancels whatever is still unfinished.

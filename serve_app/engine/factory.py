@@ -1,0 +1,43 @@
+"""The one front door for building an engine, and for what the ingress needs to know of it.
+
+The replica calls `build_engine`; the ingress calls `serving_limits` for the
+tokenizer and context length, so both agree on the limits without importing
+loading internals.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig
+
+from serve_app.config import AppArgs
+from serve_app.engine.async_engine import AsyncEngine
+from serve_app.engine.batch_engine import BatchEngine
+from serve_app.engine.builtin_models import resolve_model_path
+from serve_app.engine.loading import context_length, eos_token_ids, load_model, load_tokenizer
+
+
+def max_model_len_for(args: AppArgs, model_config, tokenizer) -> int:
+    """The context a request may use: the model's (or the override), within the KV cache."""
+    length = context_length(model_config, tokenizer, args.max_model_len)
+    return min(length, args.kv_cache_tokens) if args.kv_cache_tokens else length
+
+
+def build_engine(args: AppArgs, device: torch.device) -> AsyncEngine:
+    """Load the model on `device` and start its engine thread."""
+    model, tokenizer = load_model(args.model, args.dtype, device)
+    max_model_len = max_model_len_for(args, model.config, tokenizer)
+    engine = BatchEngine(
+        model, tokenizer, eos_token_ids(model, tokenizer),
+        max_batch_size=args.max_batch_size, max_model_len=max_model_len,
+        kv_cache_tokens=args.kv_tokens(max_model_len),
+        max_num_batched_tokens=args.step_token_budget(device.type),
+    )
+    return AsyncEngine(engine, stream_interval_s=args.stream_interval_s)
+
+
+def serving_limits(args: AppArgs):
+    """(tokenizer, max_model_len) without loading the weights: what the ingress validates against."""
+    tokenizer = load_tokenizer(args.model)
+    model_config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+    return tokenizer, max_model_len_for(args, model_config, tokenizer)

@@ -1,0 +1,83 @@
+"""Which tokens run in the next engine step: token-budget scheduling with chunked prefill.
+
+Every step has a budget of `max_num_batched_tokens`. Sequences that are
+decoding take one token each, every step, first. What is left goes to
+prompts: those already being prefilled continue, then waiting sequences are
+admitted (in arrival order) while a row is free and the KV cache can hold
+their whole length; a prompt longer than what is left is prefilled in chunks
+over several steps. So no prompt, however long, stalls the decoding rows, and
+no sequence is admitted that could later run out of KV memory (no preemption).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from serve_app.engine.kv_cache import PagedKVCache
+from serve_app.engine.sequence import Sequence
+
+
+@dataclass
+class ScheduledStep:
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, prompt tokens this step)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int):
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({max_num_seqs}): every running sequence decodes each step")
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admitted: holds KV blocks, prefilling or decoding
+
+    def add(self, seq: Sequence) -> None:
+        if self.cache.blocks_for(seq.max_len) > self.cache.num_blocks:
+            raise ValueError(f"a sequence of up to {seq.max_len} tokens does not fit the KV cache "
+                             f"({self.cache.capacity_tokens} tokens)")
+        self.waiting.append(seq)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep(decodes=[s for s in self.running if s.prefilled])
+        budget = self.max_num_batched_tokens - len(step.decodes)
+        for seq in self.running:
+            if budget == 0:
+                return step
+            if not seq.prefilled:
+                n = min(seq.prompt_len - seq.num_cached, budget)
+                step.prefills.append((seq, n))
+                budget -= n
+        while budget and self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.cache.can_allocate(seq.max_len):
+                break  # first come, first served: later arrivals do not overtake it
+            self.waiting.popleft()
+            self.cache.allocate(seq.request_id, seq.max_len)
+            self.running.append(seq)
+            n = min(seq.prompt_len, budget)
+            step.prefills.append((seq, n))
+            budget -= n
+        return step
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or cancelled sequence out, returning its KV blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.cache.free(seq.request_id)
+        else:
+            self.waiting.remove(seq)
