@@ -14,52 +14,26 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from transformers import AutoConfig
 
+from deployments.router import RoutedBackend, sum_router_stats
 from serve_app.config import AppArgs
-from serve_app.engine.builtin_models import resolve_model_path
-from serve_app.engine.loading import context_length, load_tokenizer
-from serve_app.engine.types import GenerationRequest, SequenceOutput
+from serve_app.engine.factory import serving_limits
 from serve_app.frontend import OpenAIFrontend, Prepared
 from serve_app.protocol import APIError
 
 logger = logging.getLogger("ray.serve")
 
 
-class RouterBackend:
-    """The frontend's backend: the Router deployment, called through its handle."""
-
-    def __init__(self, router: DeploymentHandle):
-        self._unary = router
-        self._streaming = router.options(stream=True)
-
-    async def complete(self, request: GenerationRequest) -> SequenceOutput:
-        response = self._unary.generate.remote(request)
-        try:
-            return await response
-        except asyncio.CancelledError:
-            response.cancel()  # the caller left: free the queue slot or batch row
-            raise
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[SequenceOutput]]:
-        generator = self._streaming.generate_stream.remote(request)
-        try:
-            async for outputs in generator:
-                yield outputs
-        finally:
-            generator.cancel()  # no-op when finished; frees the row when the reader left early
-
-
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    def __init__(self, router: DeploymentHandle, args: dict):
+    def __init__(self, router: DeploymentHandle, replicas: DeploymentHandle, args: dict):
         self.args = AppArgs.model_validate(args)
-        tokenizer = load_tokenizer(self.args.model)
-        model_config = AutoConfig.from_pretrained(resolve_model_path(self.args.model))
-        self.max_model_len = context_length(model_config, tokenizer, self.args.max_model_len)
+        tokenizer, self.max_model_len = serving_limits(self.args)
         self.router = router
-        self.frontend = OpenAIFrontend(self.args, tokenizer, self.max_model_len, RouterBackend(router))
+        self.replicas = replicas
+        self.frontend = OpenAIFrontend(self.args, tokenizer, self.max_model_len,
+                                       RoutedBackend(router, replicas, self.args.retry_after_s))
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return build_http_app(self)
@@ -85,8 +59,15 @@ class Ingress:
         return await self._run(self.frontend.generate(self.frontend.prepare_generate(body)))
 
     async def stats(self, include_replicas: bool = False) -> dict:
-        return {"model": self.args.model_name, "max_model_len": self.max_model_len,
-                "router": await self.router.stats.remote(include_replicas)}
+        """Router counters (all Router replicas); with `include_replicas`, what each model
+        replica reports about itself (broadcasts: for operators and tests, not hot paths)."""
+        routers = await asyncio.wait_for(self.router.broadcast("stats").results_async(), timeout=10)
+        stats = {"model": self.args.model_name, "max_model_len": self.max_model_len,
+                 "router": sum_router_stats(routers)}
+        if include_replicas:
+            infos = await asyncio.wait_for(self.replicas.broadcast("info").results_async(), timeout=10)
+            stats["router"]["replica_info"] = sorted(infos, key=lambda r: r["replica_id"])
+        return stats
 
     async def _run(self, work, timeout: float | None = None):
         timeout = timeout or self.args.request_timeout_s

@@ -1,4 +1,4 @@
-"""ModelReplica: loads the model once and runs batches through the engine."""
+"""ModelReplica: loads the model once and streams generated tokens to its callers."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from ray import serve
 
 from serve_app.autoscaling import IN_FLIGHT, ROUTER_QUEUE
 from serve_app.config import AppArgs
-from serve_app.engine.async_engine import AsyncEngine
-from serve_app.engine.batch_engine import BatchEngine
-from serve_app.engine.loading import context_length, eos_token_ids, load_model, select_device
+from serve_app.engine.factory import build_engine
+from serve_app.engine.loading import select_device
 from serve_app.engine.types import GenerationRequest
 
 logger = logging.getLogger("ray.serve")
@@ -30,30 +29,25 @@ class ModelReplica:
         if self.args.torch_threads or self.device.type == "cpu":
             # Ray pins torch to one thread per reserved CPU; a CPU replica computes faster on all cores.
             torch.set_num_threads(self.args.torch_threads or os.cpu_count() or 1)
-        model, tokenizer = load_model(self.args.model, self.args.dtype, self.device)
-        self.max_model_len = context_length(model.config, tokenizer, self.args.max_model_len)
-        self.engine = AsyncEngine(BatchEngine(
-            model, tokenizer, eos_token_ids(model, tokenizer),
-            max_batch_size=self.args.max_batch_size, max_model_len=self.max_model_len,
-        ), stream_interval_s=self.args.stream_interval_s)
+        self.engine = build_engine(self.args, self.device)
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self._router = serve.get_deployment_handle("Router", context.app_name)
-        logger.info("replica %s: model %s on %s (assigned GPUs %s, CUDA_VISIBLE_DEVICES=%s)",
+        logger.info("replica %s: model %s on %s (assigned GPUs %s, CUDA_VISIBLE_DEVICES=%s), KV cache %d tokens",
                     self.replica_id, self.args.model, self.device, self.gpu_ids or "none",
-                    os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+                    os.environ.get("CUDA_VISIBLE_DEVICES", ""), self.engine.engine.cache.capacity_tokens)
 
-    async def generate_batch(self, requests: list[GenerationRequest]):
-        """Stream a batch: a header naming this replica, then one list of outputs per engine step."""
-        yield {"replica_id": self.replica_id}
-        async for outputs in self.engine.generate(requests):
+    async def stream(self, requests: list[GenerationRequest], replica_id: str | None = None):
+        """Generate; yield one list of outputs per (paced) engine step until all have finished.
+
+        `replica_id` is read by the caller's request router (it pins the call to this
+        replica); closing the stream cancels what is unfinished.
+        """
+        async for outputs in self.engine.stream(requests):
             yield outputs
 
-    def cancel(self, request_ids: list[str], replica_id: str | None = None) -> None:
-        """Stop these sequences at the next step (`replica_id` is for routing only)."""
-        self.engine.cancel(request_ids)
-
     def info(self) -> dict:
+        engine = self.engine.engine
         return {
             "replica_id": self.replica_id,
             "device": str(self.device),
@@ -62,15 +56,21 @@ class ModelReplica:
             "in_flight_sequences": self.engine.num_sequences,
             "running_sequences": self.engine.num_running,
             "engine_steps": self.engine.steps,
-            "max_model_len": self.max_model_len,
+            "cancelled_sequences": engine.num_cancelled,
+            "max_model_len": engine.max_model_len,
+            "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
+            "kv_cache_tokens": engine.cache.capacity_tokens,
+            "kv_cache_free_blocks": engine.cache.num_free_blocks,
+            "kv_cache_blocks": engine.cache.num_blocks,
             "torch_threads": torch.get_num_threads(),
         }
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Load for the autoscaling policy, in sequences (see serve_app.autoscaling)."""
         try:
-            queued = await asyncio.wait_for(self._router.queue_length.remote(), timeout=1.0)
-        except Exception:  # the router is busy or restarting: report what we know
+            lengths = await asyncio.wait_for(self._router.broadcast("queue_length").results_async(), timeout=1.0)
+            queued = sum(lengths)
+        except Exception:  # a router is busy or restarting: report what we know
             queued = 0
         return {IN_FLIGHT: float(self.engine.num_sequences), ROUTER_QUEUE: float(queued)}
 

@@ -1,13 +1,12 @@
-"""How the router's DeploymentHandle picks a model replica.
+"""How a DeploymentHandle to the model replicas picks one.
 
-Ray Serve's default (power of two choices) balances *requests*; one of our
-requests is a whole batch. This router ranks replicas by the *sequences* this
-process has in flight on each, and sends calls that name a replica
-(`replica_id=` keyword, used to cancel one row of a running batch) to exactly
-that replica.
+The Router decides placement (`serve_app.admission`); its answer travels as the
+`replica_id=` keyword of the call the ingress then makes, and this request
+router sends that call to exactly that replica. Calls without one (the router
+knew no replica yet: startup, scale from zero) use Serve's power of two choices.
 
-It runs inside the Router deployment's process, next to the BatchScheduler,
-and shares state with it through `routing_state`.
+In the Router's process the same class keeps `routing_state.RUNNING_REPLICAS`
+up to date: the set of replicas admission may choose from.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from ray.serve.request_router import PendingRequest, RunningReplica
 from deployments import routing_state
 
 
-class SequenceAwareRequestRouter(PowerOfTwoChoicesRequestRouter):
+class PinnedReplicaRequestRouter(PowerOfTwoChoicesRequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         routing_state.RUNNING_REPLICAS.clear()
@@ -27,12 +26,10 @@ class SequenceAwareRequestRouter(PowerOfTwoChoicesRequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        if not candidate_replicas:
-            return []
         target = pending_request.kwargs.get("replica_id") if pending_request else None
         if target:
             pinned = [r for r in candidate_replicas if r.replica_id.unique_id == target]
-            # If the replica is gone, any replica will do: its sequences went with it.
-            return [pinned or candidate_replicas]
-        ranked = sorted(candidate_replicas, key=lambda r: routing_state.LOAD.get(r.replica_id.unique_id, 0))
-        return [ranked[:1], ranked[1:]] if len(ranked) > 1 else [ranked]
+            if pinned:
+                return [pinned]
+            # The replica is gone (or not yet visible here): any replica will do.
+        return await super().choose_replicas(candidate_replicas, pending_request)

@@ -1,60 +1,133 @@
-"""Router: owns the waiting queue and sends dynamically formed batches to replicas."""
+"""Router: admission and placement. Its client, `RoutedBackend`, runs in the ingress.
+
+The Router owns the waiting queue (`serve_app.admission`): it answers each
+request with a replica and a lease, nothing more. Tokens go straight from the
+model replica to the ingress that asked, so the router costs two small calls
+per request, not a message per token, and its death loses no running stream.
+
+Several Router replicas (`router_replicas`) split each model replica's slots
+between them: each admits into its own share, so no shared state is needed
+and together they never overfill a replica.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator
 
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import routing_state
-from serve_app.batching import BatchScheduler
+from serve_app.admission import AdmissionQueue
 from serve_app.config import AppArgs
 from serve_app.engine.types import GenerationRequest, SequenceOutput
+from serve_app.protocol import APIError
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="Router")
 class Router:
     def __init__(self, replicas: DeploymentHandle, args: dict):
         self.args = AppArgs.model_validate(args)
-        self._replicas = replicas
-        self._batches = replicas.options(stream=True)
-        self.scheduler = BatchScheduler(
-            dispatch=lambda requests: self._batches.generate_batch.remote(requests),
-            cancel_remote=self._cancel_on_replica,
+        # Initializing the handle makes its request router track the running replicas
+        # (routing_state.RUNNING_REPLICAS); this process never sends tokens through it.
+        self._replicas = replicas.options()
+        lease_timeout = self.args.request_timeout_s + 60 if self.args.request_timeout_s else None
+        self.queue = AdmissionQueue(
             max_batch_size=self.args.max_batch_size,
             batch_wait_timeout_s=self.args.batch_wait_timeout_s,
             max_queue_len=self.args.max_queue_len,
-            capacity=self._capacity,
+            slots_per_replica=max(1, math.ceil(self.args.max_batch_size / self.args.router_replicas)),
+            replicas=lambda: routing_state.RUNNING_REPLICAS,
             retry_after_s=self.args.retry_after_s,
-            stream_interval_s=self.args.stream_interval_s,
+            lease_timeout_s=lease_timeout,
         )
-        # Share per-replica sequence counts with the handle's request router.
-        self.scheduler.load_by_replica = routing_state.LOAD
 
-    def _capacity(self) -> int:
-        # One full batch per running replica; before the handle has seen any
-        # replica (startup, scale from zero), send one batch so it can wait there.
-        return max(1, len(routing_state.RUNNING_REPLICAS)) * self.args.max_batch_size
+    async def admit(self, num_sequences: int) -> tuple[int, str | None]:
+        """Wait in the queue; return (lease id, replica id or None = any replica)."""
+        return await self.queue.admit(num_sequences)
 
-    async def _cancel_on_replica(self, replica_id: str | None, request_ids: list[str]) -> None:
-        await self._replicas.cancel.remote(request_ids, replica_id=replica_id)
-
-    async def generate(self, request: GenerationRequest) -> SequenceOutput:
-        return await self.scheduler.complete(request)
-
-    async def generate_stream(self, request: GenerationRequest):
-        async for outputs in self.scheduler.stream(request):
-            yield outputs
+    def release(self, lease_id: int) -> None:
+        self.queue.release(lease_id)
 
     def queue_length(self) -> int:
-        return self.scheduler.queue_length
+        return self.queue.queue_length
 
-    async def stats(self, include_replicas: bool = False) -> dict:
-        """Queue and batching counters; with `include_replicas`, what each replica
-        reports about itself (a broadcast: for operators and tests, not hot paths)."""
-        stats = {**self.scheduler.stats(), "replicas": len(routing_state.RUNNING_REPLICAS)}
-        if include_replicas:
-            infos = await asyncio.wait_for(self._replicas.broadcast("info").results_async(), timeout=10)
-            stats["replica_info"] = sorted(infos, key=lambda r: r["replica_id"])
-        return stats
+    def stats(self) -> dict:
+        return {**self.queue.stats(), "replicas": len(routing_state.RUNNING_REPLICAS)}
+
+
+def sum_router_stats(stats: list[dict]) -> dict:
+    """One view of several Router replicas' counters."""
+    total: dict = {"routers": len(stats)}
+    for s in stats:
+        for key, value in s.items():
+            if key == "batch_size_histogram" or key == "load_by_replica":
+                merged = total.setdefault(key, {})
+                for k, v in value.items():
+                    merged[k] = merged.get(k, 0) + v
+            elif key in ("max_batch_size_seen", "replicas"):
+                total[key] = max(total.get(key, 0), value)
+            else:
+                total[key] = total.get(key, 0) + value
+    if "batch_size_histogram" in total:
+        total["batch_size_histogram"] = dict(sorted(total["batch_size_histogram"].items()))
+    return total
+
+
+class RoutedBackend:
+    """How the ingress runs requests: a place from the Router, tokens straight from the replica.
+
+    A request that fails before producing any output (its replica or the
+    router died) is retried once; later failures become 503 + Retry-After.
+    """
+
+    def __init__(self, router: DeploymentHandle, replicas: DeploymentHandle, retry_after_s: int = 1):
+        self._router = router
+        self._replicas = replicas.options(stream=True)
+        self.retry_after_s = retry_after_s
+
+    async def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
+        """Yield lists of outputs (one message per replica step) until every request has finished."""
+        for attempt in (1, 2):
+            produced = False
+            try:
+                async for outputs in self._stream_once(requests):
+                    produced = True
+                    yield outputs
+                return
+            except APIError:
+                raise  # an answer (429 queue full, ...), not a failure of the graph
+            except RayError as e:
+                if produced or attempt == 2:
+                    raise self._unavailable(e) from None
+                logger.warning("retrying %s after %s before any output", requests[0].request_id, type(e).__name__)
+
+    async def _stream_once(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
+        lease_id, replica_id = await self._call(self._router.admit.remote(len(requests)))
+        try:
+            stream = self._replicas.stream.remote(requests, replica_id=replica_id)
+            try:
+                async for outputs in stream:
+                    yield outputs
+            finally:
+                stream.cancel()  # no-op when finished; frees the rows when the reader left early
+        finally:
+            self._router.release.remote(lease_id)  # fire and forget: never delays the caller
+
+    @staticmethod
+    async def _call(response):
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # the caller left while queued: take it out of the queue
+            raise
+
+    def _unavailable(self, error: Exception) -> APIError:
+        return APIError(503, f"the model server failed while generating ({type(error).__name__}); retry",
+                        type="server_error", code="replica_failed", retry_after=self.retry_after_s)

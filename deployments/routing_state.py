@@ -4,9 +4,5 @@ Its own module, reached by attribute, because Serve cloudpickles the request
 router class by value: globals defined next to it would be copies.
 """
 
-from collections import Counter
-
-# Sequences in flight per replica (unique id), written by the BatchScheduler.
-LOAD: Counter[str] = Counter()
 # Replicas the handle currently knows to be running.
 RUNNING_REPLICAS: set[str] = set()

@@ -86,6 +86,16 @@ class AppArgs(BaseModel):
 
     # Batching and queueing
     max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences a replica decodes together.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Token budget of one engine step: one per decoding sequence, the rest "
+        "prefills prompts in chunks (default: 256 on CPU, 2048 on GPU; at least max_batch_size). "
+        "Smaller keeps streams flowing while long prompts arrive; larger prefills faster.",
+    )
+    kv_cache_tokens: int | None = Field(
+        None, ge=16, description="Tokens the paged KV cache of a replica holds (default: enough for "
+        "max_batch_size sequences of 1024 tokens, and at least one of max_model_len). A sequence is admitted "
+        "only when its prompt + max_tokens fit; the rest wait in the engine.",
+    )
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long the router waits to fill a batch.")
     max_queue_len: int = Field(256, ge=1, description="Requests waiting in the router; beyond it clients get 429.")
     stream_interval_s: float = Field(
@@ -103,6 +113,9 @@ class AppArgs(BaseModel):
     num_cpus: float = Field(1, ge=0, description="CPUs reserved per model replica.")
     router_num_cpus: float = Field(0, ge=0)
     ingress_num_cpus: float = Field(0, ge=0)
+    router_replicas: int = Field(
+        1, ge=1, le=64, description="Router replicas; each admits into its share of every model replica's slots.")
+    ingress_replicas: int = Field(1, ge=1, le=256, description="Ingress replicas (HTTP, tokenization, SSE).")
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
     graceful_shutdown_timeout_s: float = Field(
         120, ge=0, description="A replica being removed finishes its sequences for up to this long."
@@ -114,3 +127,12 @@ class AppArgs(BaseModel):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+    def step_token_budget(self, device_type: str) -> int:
+        """max_num_batched_tokens, or its default for this device (CPU steps must stay short)."""
+        default = 2048 if device_type == "cuda" else 256
+        return max(self.max_num_batched_tokens or default, self.max_batch_size)
+
+    def kv_tokens(self, max_model_len: int) -> int:
+        """kv_cache_tokens, or its default for this context length."""
+        return self.kv_cache_tokens or max(max_model_len, self.max_batch_size * 1024)

@@ -8,7 +8,6 @@ unit tests plug in any backend.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,8 +24,8 @@ from serve_app.protocol import (
 
 
 class Backend(Protocol):
-    async def complete(self, request: GenerationRequest) -> SequenceOutput: ...
-    def stream(self, request: GenerationRequest) -> AsyncIterator[list[SequenceOutput]]: ...
+    def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
+        """Run these requests together; yield lists of output deltas until every one has finished."""
 
 
 def parse_body(model_cls: type[BaseModel], body: Any) -> BaseModel:
@@ -144,14 +143,17 @@ class OpenAIFrontend:
 
     # ------------------------------------------------------------ running
 
-    async def _complete_all(self, prepared: Prepared) -> list[SequenceOutput]:
-        outs = await asyncio.gather(*(self.backend.complete(r) for r in prepared.requests))
-        for out in outs:
+    async def _run_to_end(self, requests: list[GenerationRequest]) -> list[SequenceOutput]:
+        finals = {r.request_id: SequenceOutput(r.request_id) for r in requests}
+        async for outputs in self.backend.stream(requests):
+            for out in outputs:
+                finals[out.request_id].absorb(out)
+        for out in finals.values():
             raise_if_failed(out)
-        return list(outs)
+        return list(finals.values())
 
     async def completion(self, prepared: Prepared) -> dict:
-        outs = await self._complete_all(prepared)
+        outs = await self._run_to_end(prepared.requests)
         return CompletionResponse(
             id=prepared.response_id, created=now(), model=self.args.model_name,
             choices=[CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason)
@@ -160,7 +162,7 @@ class OpenAIFrontend:
         ).model_dump()
 
     async def chat(self, prepared: Prepared) -> dict:
-        (out,) = await self._complete_all(prepared)
+        (out,) = await self._run_to_end(prepared.requests)
         return ChatCompletionResponse(
             id=prepared.response_id, created=now(), model=self.args.model_name,
             choices=[ChatChoice(index=0, message=AssistantMessage(content=out.text),
@@ -169,15 +171,14 @@ class OpenAIFrontend:
         ).model_dump()
 
     async def generate(self, request: GenerationRequest) -> dict:
-        out = await self.backend.complete(request)
-        raise_if_failed(out)
+        (out,) = await self._run_to_end([request])
         prompt = self.tokenizer.decode(request.prompt_token_ids, skip_special_tokens=True)
         return {"generated_text": prompt + out.text}
 
     async def completion_chunks(self, prepared: Prepared) -> AsyncIterator[dict]:
         """OpenAI `text_completion` chunks, one per output delta, then usage if asked."""
         finals: dict[int, SequenceOutput] = {}
-        async for index, out in merged_streams(self.backend, prepared.requests):
+        async for index, out in indexed_outputs(self.backend, prepared.requests):
             raise_if_failed(out)
             if not out.text and not out.finished:
                 continue
@@ -203,7 +204,7 @@ class OpenAIFrontend:
 
         # Wait for the first output before the role chunk: a full queue must still be able
         # to answer with an HTTP 429, which is impossible once a chunk has been sent.
-        outputs = merged_streams(self.backend, prepared.requests)
+        outputs = indexed_outputs(self.backend, prepared.requests)
         first = await anext(outputs, None)
         yield chunk(ChatDelta(role="assistant", content=""))
         final = None
@@ -238,36 +239,9 @@ def _include_usage(body) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-async def merged_streams(backend: Backend, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, SequenceOutput]]:
-    """Interleave the output streams of several requests as (index, output) pairs."""
-    if len(requests) == 1:
-        async for outs in backend.stream(requests[0]):
-            for out in outs:
-                yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, request: GenerationRequest) -> None:
-        try:
-            async for outs in backend.stream(request):
-                for out in outs:
-                    queue.put_nowait((index, out))
-        except Exception as e:
-            queue.put_nowait((index, e))
-        finally:
-            queue.put_nowait((index, None))
-
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
-    try:
-        open_streams = len(tasks)
-        while open_streams:
-            index, item = await queue.get()
-            if item is None:
-                open_streams -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
+async def indexed_outputs(backend: Backend, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, SequenceOutput]]:
+    """The requests' output deltas, each with the index of its request (its choice index)."""
+    index = {r.request_id: i for i, r in enumerate(requests)}
+    async for outputs in backend.stream(requests):
+        for out in outputs:
+            yield index[out.request_id], out

@@ -18,9 +18,17 @@ def router_stats(server):
     return requests.get(f"{server}/stats", timeout=10).json()["router"]
 
 
+def engine_stats(server) -> dict:
+    """Summed over model replicas: sequences their engines hold, and how many were cancelled."""
+    infos = requests.get(f"{server}/stats?replicas=1", timeout=10).json()["router"]["replica_info"]
+    return {"in_flight": sum(i["in_flight_sequences"] for i in infos),
+            "cancelled": sum(i["cancelled_sequences"] for i in infos)}
+
+
 def wait_until_idle(server, timeout=30.0) -> float:
+    """Until neither the router (leases) nor any engine (sequences) holds anything."""
     start = time.monotonic()
-    while router_stats(server)["in_flight_sequences"] > 0:
+    while router_stats(server)["in_flight_sequences"] > 0 or engine_stats(server)["in_flight"] > 0:
         if time.monotonic() - start > timeout:
             pytest.fail("sequences still in flight")
         time.sleep(0.02)
@@ -41,7 +49,7 @@ def test_first_chunk_arrives_while_generation_is_still_running(server):
         events = sse_events(r)
         first = json.loads(next(events))
         assert first["object"] == "text_completion"
-        assert router_stats(server)["in_flight_sequences"] >= 1  # still generating
+        assert engine_stats(server)["in_flight"] >= 1  # still generating
         rest = list(events)
     assert rest[-1] == "[DONE]"
     text = first["choices"][0]["text"] + "".join(json.loads(e)["choices"][0]["text"] for e in rest[:-1])
@@ -54,7 +62,7 @@ def test_disconnect_frees_the_slot_and_the_batch_mate_finishes(server):
     wait_until_idle(server)
     mate = {"model": TINY, "prompt": "the quick brown fox", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
     expected = requests.post(f"{server}/v1/completions", json=mate, timeout=60).json()["choices"][0]["text"]
-    cancelled_before = router_stats(server)["cancelled"]
+    cancelled_before = engine_stats(server)["cancelled"]
     result = {}
     long_body = {"model": TINY, "prompt": "a", "max_tokens": LONG, "temperature": 0, "ignore_eos": True,
                  "stream": True}
@@ -66,24 +74,24 @@ def test_disconnect_frees_the_slot_and_the_batch_mate_finishes(server):
         mate_thread.start()
         for _ in range(20):
             next(events)
-        assert router_stats(server)["in_flight_sequences"] >= 1
+        assert engine_stats(server)["in_flight"] >= 1
     closed = time.monotonic()  # leaving the block closes the connection mid-stream
     mate_thread.join(timeout=60)
     freed_s = wait_until_idle(server)
     print(f"\ndisconnect -> slot freed in {freed_s * 1000:.0f} ms (after close at {closed:.3f})")
     assert result["r"]["choices"][0]["text"] == expected
-    assert router_stats(server)["cancelled"] == cancelled_before + 1
+    assert engine_stats(server)["cancelled"] == cancelled_before + 1
     assert freed_s < 3.0  # the whole request would have needed far longer
 
 
 def test_non_streaming_client_that_times_out_is_cancelled(server):
     wait_until_idle(server)
-    cancelled_before = router_stats(server)["cancelled"]
+    cancelled_before = engine_stats(server)["cancelled"]
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.post(f"{server}/v1/completions", timeout=0.5,
                       json={"model": TINY, "prompt": "a", "max_tokens": LONG, "ignore_eos": True})
     assert wait_until_idle(server) < 5.0
-    assert router_stats(server)["cancelled"] == cancelled_before + 1
+    assert engine_stats(server)["cancelled"] == cancelled_before + 1
 
 
 def test_handle_caller_cancelling_a_stream_frees_the_slot(server):

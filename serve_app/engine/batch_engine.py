@@ -43,6 +43,7 @@ class BatchEngine:
         self.scheduler = Scheduler(self.cache, max_batch_size, max_num_batched_tokens or max(256, max_batch_size))
         self._cancelled: set[str] = set()
         self.last_step_tokens = 0
+        self.num_cancelled = 0  # sequences cancelled so far (for stats)
 
     # ------------------------------------------------------------ public
 
@@ -170,6 +171,7 @@ class BatchEngine:
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
             if seq.request_id in self._cancelled:
                 seq.finish_reason = "cancelled"
+                self.num_cancelled += 1
                 outputs.append(seq.output("", []))
                 self.scheduler.remove(seq)
         self._cancelled.clear()
