@@ -1,22 +1,38 @@
-"""ModelReplica: loads the model once and streams generated tokens to its callers."""
+"""ModelReplica: loads the model once and streams generated tokens to its callers.
+
+Callers (ingress processes) open one `channel` per replica and submit requests
+into it: each engine step then costs one message per calling process, whatever
+the number of requests. `ReplicaChannel` is the caller's end.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import uuid
 
 import ray
 import torch
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from serve_app.autoscaling import IN_FLIGHT, ROUTER_QUEUE
 from serve_app.config import AppArgs
+from serve_app.engine.async_engine import OutputChannel
 from serve_app.engine.factory import build_engine
 from serve_app.engine.loading import select_device
-from serve_app.engine.types import GenerationRequest
+from serve_app.engine.types import GenerationRequest, coalesce
 
 logger = logging.getLogger("ray.serve")
+
+# A channel with nothing in flight closes after this long, so a replica being
+# removed is not held open by idle channels (its callers reopen on demand).
+CHANNEL_IDLE_CLOSE_S = 5.0
+
+
+class ChannelClosed(RuntimeError):
+    """Submitted into a channel that no longer exists: open a new one."""
 
 
 @serve.deployment(name="ModelReplica")
@@ -33,6 +49,7 @@ class ModelReplica:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self._router = serve.get_deployment_handle("Router", context.app_name)
+        self._channels: dict[str, OutputChannel] = {}
         logger.info("replica %s: model %s on %s (assigned GPUs %s, CUDA_VISIBLE_DEVICES=%s), KV cache %d tokens",
                     self.replica_id, self.args.model, self.device, self.gpu_ids or "none",
                     os.environ.get("CUDA_VISIBLE_DEVICES", ""), self.engine.engine.cache.capacity_tokens)
@@ -45,6 +62,37 @@ class ModelReplica:
         """
         async for outputs in self.engine.stream(requests):
             yield outputs
+
+    async def channel(self, replica_id: str | None = None):
+        """A stream for one caller: first its channel id, then one list of outputs per
+        (paced) engine step for every request submitted into it. Ends when idle."""
+        channel_id = uuid.uuid4().hex
+        channel = self._channels[channel_id] = OutputChannel(self.engine)
+        try:
+            yield channel_id
+            while True:
+                try:
+                    async with asyncio.timeout(None if channel.pending else CHANNEL_IDLE_CLOSE_S):
+                        outputs = await channel.next()
+                except TimeoutError:
+                    if not channel.pending:
+                        return  # submit() runs on this same loop: nothing can slip in now
+                    continue
+                yield outputs
+        finally:
+            del self._channels[channel_id]
+            channel.close()  # the caller left: cancel what it had in flight
+
+    async def submit(self, channel_id: str, requests: list[GenerationRequest], replica_id: str | None = None):
+        """Start these requests; their outputs go to the channel."""
+        channel = self._channels.get(channel_id)
+        if channel is None:
+            raise ChannelClosed(f"channel {channel_id} is closed")
+        channel.submit(requests)
+
+    def cancel(self, request_ids: list[str], replica_id: str | None = None) -> None:
+        """Stop these sequences at the next engine step."""
+        self.engine.cancel(request_ids)
 
     def info(self) -> dict:
         engine = self.engine.engine
@@ -82,3 +130,87 @@ class ModelReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+class ReplicaChannel:
+    """The caller's end of one `ModelReplica.channel`: hands each output to the request it
+    belongs to. When the channel fails or ends, every request still reading it gets the error."""
+
+    def __init__(self, replicas: DeploymentHandle, replica_id: str):
+        self.replica_id = replica_id
+        self.channel_id: str | None = None
+        self.inboxes: dict[str, asyncio.Queue] = {}
+        self.closed = False
+        self._ready = asyncio.Event()
+        self._stream = replicas.options(stream=True).channel.remote(replica_id=replica_id)
+        self._task = asyncio.get_running_loop().create_task(self._read())
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+        if self.channel_id is None:
+            raise ChannelClosed(f"could not open a channel to replica {self.replica_id}")
+
+    async def _read(self) -> None:
+        ending: Exception = ChannelClosed(f"the channel to replica {self.replica_id} ended")
+        try:
+            async for message in self._stream:
+                if isinstance(message, str):
+                    self.channel_id = message
+                    self._ready.set()
+                    continue
+                for out in message:
+                    inbox = self.inboxes.get(out.request_id)
+                    if inbox is not None:
+                        inbox.put_nowait(out)
+        except Exception as e:  # the replica died or the call failed: tell every reader
+            ending = e
+        finally:
+            self.closed = True
+            self._ready.set()
+            for inbox in self.inboxes.values():
+                inbox.put_nowait(ending)
+
+    def close(self) -> None:
+        self._stream.cancel()
+
+
+async def stream_via_channel(channels: dict[str, ReplicaChannel], replicas: DeploymentHandle, replica_id: str,
+                             requests: list[GenerationRequest]):
+    """Run requests on one replica through this process's channel to it (opened on demand);
+    yield lists of outputs until all have finished. Leaving early cancels the rest."""
+    inbox: asyncio.Queue = asyncio.Queue()
+    ids = [r.request_id for r in requests]
+    for attempt in (1, 2):
+        channel = channels.get(replica_id)
+        if channel is None or channel.closed:
+            channel = channels[replica_id] = ReplicaChannel(replicas, replica_id)
+        await channel.wait_ready()
+        for rid in ids:
+            channel.inboxes[rid] = inbox
+        try:
+            await replicas.submit.remote(channel.channel_id, requests, replica_id=replica_id)
+            break
+        except ChannelClosed:  # it closed while idle just as we submitted: open another
+            for rid in ids:
+                channel.inboxes.pop(rid, None)
+            if attempt == 2:
+                raise
+    pending = set(ids)
+    try:
+        while pending:
+            items = [await inbox.get()]
+            while not inbox.empty():
+                items.append(inbox.get_nowait())
+            for item in items:
+                if isinstance(item, Exception):
+                    raise item
+            batch = coalesce(items)
+            for out in batch:
+                if out.finished:
+                    pending.discard(out.request_id)
+            yield batch
+    finally:
+        for rid in ids:
+            channel.inboxes.pop(rid, None)
+        if pending:
+            replicas.cancel.remote(list(pending), replica_id=replica_id)

@@ -1,12 +1,13 @@
-"""How a DeploymentHandle to the model replicas picks one.
+"""How DeploymentHandles pick a replica: the caller may name it.
 
 The Router decides placement (`serve_app.admission`); its answer travels as the
-`replica_id=` keyword of the call the ingress then makes, and this request
-router sends that call to exactly that replica. Calls without one (the router
-knew no replica yet: startup, scale from zero) use Serve's power of two choices.
+`replica_id=` keyword of the calls the ingress then makes to the model replica,
+and a lease goes back (`release`) to the Router replica that granted it, the
+same way. Calls without one (the router knew no model replica yet: startup,
+scale from zero) use Serve's power of two choices.
 
-In the Router's process the same class keeps `routing_state.RUNNING_REPLICAS`
-up to date: the set of replicas admission may choose from.
+For the model replicas, the Router's process also keeps
+`routing_state.RUNNING_REPLICAS` up to date: the replicas admission chooses from.
 """
 
 from __future__ import annotations
@@ -18,11 +19,6 @@ from deployments import routing_state
 
 
 class PinnedReplicaRequestRouter(PowerOfTwoChoicesRequestRouter):
-    def update_replicas(self, replicas: list[RunningReplica]) -> None:
-        super().update_replicas(replicas)
-        routing_state.RUNNING_REPLICAS.clear()
-        routing_state.RUNNING_REPLICAS.update(r.replica_id.unique_id for r in replicas)
-
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
@@ -33,3 +29,10 @@ class PinnedReplicaRequestRouter(PowerOfTwoChoicesRequestRouter):
                 return [pinned]
             # The replica is gone (or not yet visible here): any replica will do.
         return await super().choose_replicas(candidate_replicas, pending_request)
+
+
+class ModelReplicaRequestRouter(PinnedReplicaRequestRouter):
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        routing_state.RUNNING_REPLICAS.clear()
+        routing_state.RUNNING_REPLICAS.update(r.replica_id.unique_id for r in replicas)

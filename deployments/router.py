@@ -22,6 +22,7 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import routing_state
+from deployments.replica import ReplicaChannel, stream_via_channel
 from serve_app.admission import AdmissionQueue
 from serve_app.config import AppArgs
 from serve_app.engine.types import GenerationRequest, SequenceOutput
@@ -37,6 +38,7 @@ class Router:
         # Initializing the handle makes its request router track the running replicas
         # (routing_state.RUNNING_REPLICAS); this process never sends tokens through it.
         self._replicas = replicas.options()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         lease_timeout = self.args.request_timeout_s + 60 if self.args.request_timeout_s else None
         self.queue = AdmissionQueue(
             max_batch_size=self.args.max_batch_size,
@@ -48,11 +50,13 @@ class Router:
             lease_timeout_s=lease_timeout,
         )
 
-    async def admit(self, num_sequences: int) -> tuple[int, str | None]:
-        """Wait in the queue; return (lease id, replica id or None = any replica)."""
-        return await self.queue.admit(num_sequences)
+    async def admit(self, num_sequences: int) -> tuple[str, int, str | None]:
+        """Wait in the queue; return (this router's replica id, lease id, model replica id or
+        None = any replica). The lease goes back with `release(lease_id, replica_id=<router>)`."""
+        lease_id, model_replica = await self.queue.admit(num_sequences)
+        return self.replica_id, lease_id, model_replica
 
-    def release(self, lease_id: int) -> None:
+    def release(self, lease_id: int, replica_id: str | None = None) -> None:
         self.queue.release(lease_id)
 
     def queue_length(self) -> int:
@@ -89,7 +93,9 @@ class RoutedBackend:
 
     def __init__(self, router: DeploymentHandle, replicas: DeploymentHandle, retry_after_s: int = 1):
         self._router = router
-        self._replicas = replicas.options(stream=True)
+        self._replicas = replicas
+        self._streaming = replicas.options(stream=True)
+        self._channels: dict[str, ReplicaChannel] = {}  # one per model replica, shared by all requests
         self.retry_after_s = retry_after_s
 
     async def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
@@ -109,16 +115,21 @@ class RoutedBackend:
                 logger.warning("retrying %s after %s before any output", requests[0].request_id, type(e).__name__)
 
     async def _stream_once(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
-        lease_id, replica_id = await self._call(self._router.admit.remote(len(requests)))
+        router_id, lease_id, replica_id = await self._call(self._router.admit.remote(len(requests)))
         try:
-            stream = self._replicas.stream.remote(requests, replica_id=replica_id)
+            if replica_id is not None:
+                async for outputs in stream_via_channel(self._channels, self._replicas, replica_id, requests):
+                    yield outputs
+                return
+            # No replica known yet (startup, scale from zero): a call of its own waits for one.
+            stream = self._streaming.stream.remote(requests)
             try:
                 async for outputs in stream:
                     yield outputs
             finally:
                 stream.cancel()  # no-op when finished; frees the rows when the reader left early
         finally:
-            self._router.release.remote(lease_id)  # fire and forget: never delays the caller
+            self._router.release.remote(lease_id, replica_id=router_id)  # fire and forget: never delays the caller
 
     @staticmethod
     async def _call(response):

@@ -24,7 +24,7 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
     # Imported here: deployments depend on the core, never the other way round.
     from deployments.ingress import Ingress
     from deployments.replica import ModelReplica
-    from deployments.replica_routing import PinnedReplicaRequestRouter
+    from deployments.replica_routing import ModelReplicaRequestRouter, PinnedReplicaRequestRouter
     from deployments.router import Router
 
     if not isinstance(args, AppArgs):
@@ -39,13 +39,15 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
         # Batches are bounded by the router; Serve's per-replica cap must not add a second queue.
         max_ongoing_requests=4 * args.max_queue_len + 64,
-        request_router_config=RequestRouterConfig(request_router_class=PinnedReplicaRequestRouter),
+        request_router_config=RequestRouterConfig(request_router_class=ModelReplicaRequestRouter),
         health_check_period_s=10,
     ).bind(plain)
     router = Router.options(
         ray_actor_options={"num_cpus": args.router_num_cpus},
         num_replicas=args.router_replicas,
         max_ongoing_requests=4 * args.max_queue_len + 64,
+        # A lease goes back to the Router replica that granted it.
+        request_router_config=RequestRouterConfig(request_router_class=PinnedReplicaRequestRouter),
     ).bind(replica, plain)
     return Ingress.options(
         ray_actor_options={"num_cpus": args.ingress_num_cpus},

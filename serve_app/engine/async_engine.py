@@ -49,25 +49,13 @@ class AsyncEngine:
 
         Closing or cancelling the iterator cancels whatever is still unfinished.
         """
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[list[SequenceOutput]] = asyncio.Queue()
-        reader = PacedReader(inbox, self.stream_interval_s)
-
-        def sink(outputs: list[SequenceOutput]) -> None:
-            loop.call_soon_threadsafe(inbox.put_nowait, outputs)
-
-        pending = {r.request_id for r in requests}
-        self._send(("add", requests, sink))
+        channel = OutputChannel(self)
+        channel.submit(requests)
         try:
-            while pending:
-                batch = coalesce([out for step in await reader.next_batch() for out in step])
-                for out in batch:
-                    if out.finished:
-                        pending.discard(out.request_id)
-                yield batch
+            while channel.pending:
+                yield await channel.next()
         finally:
-            if pending:
-                self.cancel(pending)
+            channel.close()
 
     @property
     def alive(self) -> bool:
@@ -135,3 +123,37 @@ class AsyncEngine:
                 del self._sinks[out.request_id]
         for sink, outs in by_sink.items():
             sink(outs)
+
+
+class OutputChannel:
+    """The outputs of any number of requests, delivered to one asyncio consumer as one
+    (coalesced, paced) list per engine step: the cost per step is one message, not one
+    per request."""
+
+    def __init__(self, engine: AsyncEngine):
+        self._engine = engine
+        self._loop = asyncio.get_running_loop()
+        self._inbox: asyncio.Queue[list[SequenceOutput]] = asyncio.Queue()
+        self._reader = PacedReader(self._inbox, engine.stream_interval_s)
+        self.pending: set[str] = set()  # submitted and not finished
+
+    def _sink(self, outputs: list[SequenceOutput]) -> None:  # called on the engine thread
+        self._loop.call_soon_threadsafe(self._inbox.put_nowait, outputs)
+
+    def submit(self, requests: list[GenerationRequest]) -> None:
+        self.pending.update(r.request_id for r in requests)
+        self._engine._send(("add", requests, self._sink))
+
+    async def next(self) -> list[SequenceOutput]:
+        """The outputs that arrived since the last call (waits for at least one)."""
+        batch = coalesce([out for step in await self._reader.next_batch() for out in step])
+        for out in batch:
+            if out.finished:
+                self.pending.discard(out.request_id)
+        return batch
+
+    def close(self) -> None:
+        """Cancel whatever is still unfinished."""
+        if self.pending:
+            self._engine.cancel(self.pending)
+            self.pending = set()
