@@ -1,4 +1,4 @@
-"""Benchmark results as a Markdown table and a PNG chart."""
+"""Benchmark results as Markdown tables and a PNG chart."""
 
 from __future__ import annotations
 
@@ -9,46 +9,72 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.0f}"
 
 
+def _label(r: dict) -> str:
+    return r.get("scenario") or r["mode"]
+
+
 def markdown_table(runs: list[dict]) -> str:
-    head = ("| system | load | workload | done | failed | req/s | out tok/s | TTFT p50 / p99 ms "
-            "| TPOT p50 ms | ITL p99 ms | E2E p50 / p99 ms |")
-    rows = [head, "|" + "---|" * 11]
+    head = ("| system | scenario | load | workload | done | failed | out tok/s | steady tok/s | TTFT p50 / p90 ms "
+            "| ITL p50 / p99 / max ms | TPOT p50 ms | E2E p50 / p99 ms |")
+    rows = [head, "|" + "---|" * 12]
     for r in runs:
-        w = r["workload"]
-        workload = f"{w['input_tokens']}→{w['mixed_output'] or w['output_tokens']}"
         failed = ", ".join(f"{k}: {v}" for k, v in r["failed_by_status"].items()) or "0"
+        steady = r.get("steady_output_tokens_per_s")
         rows.append(
-            f"| {r['system']} | {r['mode']} | {workload} | {r['completed']}/{r['num_requests']} | {failed} "
-            f"| {r['request_throughput']:.2f} | {r['output_tokens_per_s']:.1f} "
-            f"| {_ms(r['ttft_s']['p50'])} / {_ms(r['ttft_s']['p99'])} | {_ms(r['tpot_s']['p50'])} "
-            f"| {_ms(r['itl_s']['p99'])} | {_ms(r['e2e_s']['p50'])} / {_ms(r['e2e_s']['p99'])} |")
+            f"| {r['system']} | {_label(r)} | {r['mode']} | {r.get('workload_label', '')} "
+            f"| {r['completed']}/{r['num_requests']} | {failed} | {r['output_tokens_per_s']:.1f} "
+            f"| {'-' if steady is None else f'{steady:.1f}'} "
+            f"| {_ms(r['ttft_s']['p50'])} / {_ms(r['ttft_s']['p90'])} "
+            f"| {_ms(r['itl_s']['p50'])} / {_ms(r['itl_s']['p99'])} / {_ms(r.get('itl_max_s'))} "
+            f"| {_ms(r['tpot_s']['p50'])} | {_ms(r['e2e_s']['p50'])} / {_ms(r['e2e_s']['p99'])} |")
+    return "\n".join(rows)
+
+
+CPU_ROLES = ("proxy", "ingress", "router", "proxy + ingress + router", "replica", "ray system", "load generator")
+
+
+def cpu_table(runs: list[dict]) -> str:
+    """Cores busy per process role, and CPU ms per output token, for each run that measured it."""
+    rows = ["| system | scenario | " + " | ".join(CPU_ROLES) + " |", "|" + "---|" * (len(CPU_ROLES) + 2)]
+    for r in runs:
+        cpu = r.get("cpu")
+        if not cpu:
+            continue
+        cells = []
+        for role in CPU_ROLES:
+            c = cpu.get(role)
+            per_token = c and c["cpu_ms_per_token"]
+            cells.append("-" if not c else f"{c['cores']:.2f} ({'-' if per_token is None else f'{per_token:.1f}'})")
+        rows.append(f"| {r['system']} | {_label(r)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def chart(runs: list[dict], offline_tps: float | None, path: Path) -> None:
-    """Throughput and p99 TTFT against concurrency, one line per system."""
+    """Output tokens/s (steady state where measured) and TTFT p90 per scenario, one bar per system."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    systems = sorted({r["system"] for r in runs if r["concurrency"]})
-    for system in systems:
-        points = sorted((r["concurrency"], r) for r in runs
-                        if r["system"] == system and r["concurrency"] and not r["workload"]["mixed_output"])
-        xs = [c for c, _ in points]
-        left.plot(xs, [r["output_tokens_per_s"] for _, r in points], marker="o", label=system)
-        right.plot(xs, [r["ttft_s"]["p99"] * 1000 for _, r in points], marker="o", label=system)
+    labels = list(dict.fromkeys(_label(r) for r in runs))
+    systems = list(dict.fromkeys(r["system"] for r in runs))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(1, len(systems))
+    for i, system in enumerate(systems):
+        by_label = {_label(r): r for r in runs if r["system"] == system}
+        xs = [j + i * width for j, label in enumerate(labels) if label in by_label]
+        picked = [by_label[label] for label in labels if label in by_label]
+        left.bar(xs, [r.get("steady_output_tokens_per_s") or r["output_tokens_per_s"] for r in picked],
+                 width, label=system)
+        right.bar(xs, [(r["ttft_s"]["p90"] or 0) * 1000 for r in picked], width, label=system)
     if offline_tps:
-        left.axhline(offline_tps, linestyle="--", color="gray", label="offline limit (static batch)")
+        left.axhline(offline_tps, linestyle="--", color="gray", label="offline limit (static batch 32)")
     right.set_yscale("log")
-    for ax, title in ((left, "output tokens/s"), (right, "p99 TTFT (ms, log)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
+    for ax, title in ((left, "output tokens/s (steady state)"), (right, "TTFT p90 (ms, log)")):
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

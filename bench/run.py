@@ -1,9 +1,16 @@
-"""One benchmark run: serve_app against its baselines, same model, same prompts.
+"""One benchmark run: the traffic people send, beside the offline limit and the baselines.
 
-    python -m bench.run              # full sweep (concurrency 1, 8, 32, 64; Poisson; mixed lengths)
-    python -m bench.run --quick      # concurrency 1 and 32 only, fewer requests
+    python -m bench.run              # every scenario (~15 min on 2 cores)
+    python -m bench.run --quick      # closed loop c=32, concurrency 1 and the wave only
 
-Writes bench/results/<name>.json, .md and .png, and prints the table.
+serve_app runs, in one Ray session, the scenarios of `SCENARIOS`: steady-state
+closed loops (completions with mixed lengths, chat with natural stops, a mix
+with 2-3k-token prompts), Poisson arrivals at three rates, concurrency 1, and
+the synchronized wave. Each records the CPU time of proxy, ingress, router
+and replica processes. The offline limit (`generate` on static batches, no
+server) and the naive seed design run in the same invocation.
+
+Writes bench/results/<name>.json and .md (and .png), and prints the tables.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from pathlib import Path
 
 import requests
 
+from bench.cpu import CpuMeter
 from bench.loadgen import Workload, run_load
-from bench.report import chart, markdown_table
+from bench.report import chart, cpu_table, markdown_table
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,17 +53,38 @@ def wait_healthy(url: str, timeout: float = 600) -> None:
     raise RuntimeError(f"{url} did not become healthy")
 
 
-def sweep(system: str, url: str, model: str, levels: list[int], per_level: int, workload: Workload,
-          stream: bool = True) -> list[dict]:
-    runs = []
-    for c in levels:
-        n = max(per_level, c) if c > 1 else max(4, per_level // 8)
-        report = asyncio.run(run_load(url, model, workload, n, concurrency=c, stream=stream))
-        report["system"] = system
-        runs.append(report)
-        print(f"  {system:10s} c={c:<3d} {report['output_tokens_per_s']:7.1f} tok/s  "
-              f"TTFT p50 {report['ttft_s']['p50'] * 1000:7.0f} ms  failed {report['failed_by_status']}", flush=True)
-    return runs
+MIXED = (16, 240)
+# (label, run_load arguments). Steady-state rows first: they are what users send.
+SCENARIOS = [
+    ("closed loop c=32, mixed lengths", dict(workload=Workload(128, mixed_output=MIXED, seed=1),
+                                             num_requests=96, concurrency=32)),
+    ("closed loop c=32, chat, natural stops", dict(workload=Workload(chat=True, output_tokens=256,
+                                                                     natural_stops=True, seed=2),
+                                                   num_requests=96, concurrency=32)),
+    ("closed loop c=16, 10% long prompts", dict(workload=Workload(128, mixed_output=MIXED, seed=3,
+                                                                  long_prompts=(0.1, 2000, 3000)),
+                                                num_requests=48, concurrency=16)),
+    ("poisson 0.3/s", dict(workload=Workload(128, mixed_output=MIXED, seed=4), num_requests=24, request_rate=0.3)),
+    ("poisson 0.6/s", dict(workload=Workload(128, mixed_output=MIXED, seed=5), num_requests=24, request_rate=0.6)),
+    ("poisson 0.9/s", dict(workload=Workload(128, mixed_output=MIXED, seed=6), num_requests=24, request_rate=0.9)),
+    ("concurrency 1", dict(workload=Workload(128, 128), num_requests=4, concurrency=1)),
+    ("wave c=32 (all at once)", dict(workload=Workload(128, 128), num_requests=32, concurrency=32)),
+]
+QUICK = ("closed loop c=32, mixed lengths", "concurrency 1", "wave c=32 (all at once)")
+
+
+def measure(system: str, url: str, model: str, label: str, kwargs: dict) -> dict:
+    meter = CpuMeter()
+    meter.start()
+    report = asyncio.run(run_load(url, model, **kwargs))
+    report["cpu"] = meter.stop(report["duration_s"], report["output_tokens"])
+    report["system"], report["scenario"] = system, label
+    non_replica = report["cpu"].get("proxy + ingress + router", {}).get("cores", 0)
+    print(f"  {system:10s} {label:40s} {report['output_tokens_per_s']:6.1f} tok/s "
+          f"(steady {report['steady_output_tokens_per_s'] or 0:6.1f})  TTFT p50 {report['ttft_s']['p50'] * 1000:6.0f} ms"
+          f"  ITL p50/max {(report['itl_s']['p50'] or 0) * 1000:4.0f}/{(report['itl_max_s'] or 0) * 1000:5.0f} ms"
+          f"  non-replica {non_replica:.2f} cores  failed {report['failed_by_status']}", flush=True)
+    return report
 
 
 def offline_limit(model_name: str, workload: Workload, batch_size: int, n: int, threads: int) -> dict:
@@ -74,7 +103,7 @@ def offline_limit(model_name: str, workload: Workload, batch_size: int, n: int, 
     return result
 
 
-def run_serve_app(model: str, port: int, server_args: dict, levels, per_level, workload, extra_runs) -> list[dict]:
+def run_serve_app(model: str, port: int, server_args: dict, scenarios) -> list[dict]:
     import ray
     from ray import serve
 
@@ -86,38 +115,28 @@ def run_serve_app(model: str, port: int, server_args: dict, levels, per_level, w
         serve.run(build_app({"model": model, **server_args}), name="serve_app", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         asyncio.run(run_load(url, model, Workload(16, 4), 4, concurrency=4))  # warm-up
-        runs = sweep("serve_app", url, model, levels, per_level, workload)
-        for kind, kwargs in extra_runs:
-            report = asyncio.run(run_load(url, model, **kwargs))
-            report["system"] = "serve_app"
-            runs.append(report)
-            print(f"  serve_app  {kind:12s} {report['output_tokens_per_s']:7.1f} tok/s  "
-                  f"TTFT p99 {report['ttft_s']['p99'] * 1000:7.0f} ms  failed {report['failed_by_status']}",
-                  flush=True)
-        return runs
+        return [measure("serve_app", url, model, label, kwargs) for label, kwargs in scenarios]
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def run_naive(model: str, port: int, levels, per_level, workload) -> list[dict]:
+def run_naive(model: str, port: int, scenarios) -> list[dict]:
     proc = subprocess.Popen([sys.executable, "-m", "bench.baselines.naive_server", "--model", model,
                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
-        # Serialized: more requests than the slowest level needs would only repeat the same number.
-        return sweep("naive", url, model, levels, per_level, workload, stream=False)
+        return [measure("naive", url, model, label, {**kwargs, "stream": False}) for label, kwargs in scenarios]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
-def run_transformers_serve(model: str, port: int, workload: Workload, concurrency: int, n: int) -> list[dict]:
+def run_transformers_serve(model: str, port: int, scenarios) -> list[dict]:
     """`transformers serve --continuous-batching`, the transformers package's own server.
 
-    It rejects `ignore_eos` (422), so it gets the same prompts without it; throughput
-    counts the tokens it actually returned."""
+    It rejects `ignore_eos` (422): it runs only natural-stop scenarios."""
     from serve_app.engine.builtin_models import resolve_model_path
 
     path = resolve_model_path(model)
@@ -130,12 +149,8 @@ def run_transformers_serve(model: str, port: int, workload: Workload, concurrenc
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, timeout=300)
-        report = asyncio.run(run_load(url, path, workload, n, concurrency=concurrency, extra={}))
-        report["system"] = "transformers serve (CB)"
-        print(f"  tf-serve   c={concurrency:<3d} {report['output_tokens_per_s']:7.1f} tok/s  "
-              f"TTFT p50 {(report['ttft_s']['p50'] or 0) * 1000:7.0f} ms  failed {report['failed_by_status']}",
-              flush=True)
-        return [report]
+        return [measure("transformers serve (CB)", url, path, label, kwargs) for label, kwargs in scenarios
+                if kwargs["workload"].natural_stops]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -146,80 +161,95 @@ def main() -> None:
     p.add_argument("--model", default="builtin:smollm2-135m-instruct")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--name", default=None)
-    p.add_argument("--levels", type=int, nargs="+", default=None)
+    p.add_argument("--only", nargs="+", default=None, help="run only scenarios whose label contains one of these")
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
     p.add_argument("--skip-naive", action="store_true")
-    p.add_argument("--only-transformers-serve", action="store_true",
-                   help="run just the transformers-serve peer at concurrency 32 (appends to <name>.json)")
+    p.add_argument("--with-transformers-serve", action="store_true",
+                   help="also run the transformers-serve peer on the natural-stop scenarios")
     a = p.parse_args()
 
-    levels = a.levels or ([1, 32] if a.quick else [1, 8, 32, 64])
-    per_level = 32
-    workload = Workload(input_tokens=128, output_tokens=128)
+    wanted = QUICK if a.quick else a.only
+    scenarios = [(label, kw) for label, kw in SCENARIOS if not wanted or any(w in label for w in wanted)]
     server_args = {"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s,
                    "torch_threads": a.torch_threads, "num_cpus": 1, "num_gpus": 0}
-    extra = [] if a.quick else [
-        ("poisson 1/s", dict(workload=workload, num_requests=32, request_rate=1.0)),
-        ("mixed c=32", dict(workload=Workload(128, 128, mixed_output=(16, 256), seed=1), num_requests=64,
-                            concurrency=32)),
-    ]
-    if a.only_transformers_serve:
-        name = a.name or "full"
-        path = RESULTS / f"{name}.json"
-        payload = json.loads(path.read_text())
+    if a.max_num_batched_tokens:
+        server_args["max_num_batched_tokens"] = a.max_num_batched_tokens
+    print(f"benchmark: {a.model}, server args {server_args}", flush=True)
+    offline = offline_limit(a.model, Workload(128, 128), 32, 32, a.torch_threads)
+    runs = run_serve_app(a.model, free_port(), server_args, scenarios)
+    if not a.skip_naive:  # the seed design serves one request at a time: concurrency 1 says it all
+        runs += run_naive(a.model, free_port(), [s for s in scenarios if s[0] == "concurrency 1"])
+    if a.with_transformers_serve:
         try:
-            extra_runs = run_transformers_serve(a.model, free_port(), workload, 32, 32)
+            runs += run_transformers_serve(a.model, free_port(), scenarios)
         except Exception as e:  # report, don't hide: the peer may not start on this machine
-            payload["transformers_serve_error"] = f"{type(e).__name__}: {e}"
-            extra_runs = []
-        payload["runs"] = [r for r in payload["runs"] if not r["system"].startswith("transformers")] + extra_runs
-        path.write_text(json.dumps(payload, indent=2))
-        write_reports(name, payload)
-        return
-    print(f"benchmark: {a.model}, levels {levels}, server args {server_args}", flush=True)
-    offline = offline_limit(a.model, workload, 32, 32, a.torch_threads)
-    runs = run_serve_app(a.model, free_port(), server_args, levels, per_level, workload, extra)
-    naive_levels = [c for c in levels if c in (1, 32)]
-    if not a.skip_naive:
-        runs += run_naive(a.model, free_port(), naive_levels, per_level // 2, workload)
-
-    def at(system, c):
-        return next((r for r in runs if r["system"] == system and r["concurrency"] == c
-                     and not r["workload"]["mixed_output"]), None)
-
-    ours32, naive32, ours1 = at("serve_app", 32), at("naive", 32), at("serve_app", 1)
-    ratios = {
-        "vs_naive_c32": ours32 and naive32 and ours32["output_tokens_per_s"] / naive32["output_tokens_per_s"],
-        "vs_offline_b32": ours32 and ours32["output_tokens_per_s"] / offline["output_tokens_per_s"],
-        "ttft_overhead_c1_ms": ours1 and (ours1["ttft_s"]["p50"] - offline["prefill_s"]) * 1000,
-    }
+            print(f"  transformers serve did not run: {type(e).__name__}: {e}", flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch threads {a.torch_threads}"
     name = a.name or ("quick" if a.quick else "full")
     RESULTS.mkdir(exist_ok=True)
     payload = {"model": a.model, "machine": machine, "server_args": server_args, "offline": offline,
-               "ratios": ratios, "runs": runs}
+               "ratios": ratios(runs, offline), "runs": runs}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     write_reports(name, payload)
 
 
+def ratios(runs: list[dict], offline: dict) -> dict:
+    """The figures the targets are stated in (None where a scenario did not run)."""
+    def find(system, label):
+        return next((r for r in runs if r["system"] == system and r["scenario"] == label), None)
+
+    limit = offline["output_tokens_per_s"]
+    step_s = offline["duration_s"] / (offline["output_tokens"] / offline["batch_size"])
+    closed, chat = find("serve_app", SCENARIOS[0][0]), find("serve_app", SCENARIOS[1][0])
+    long, c1 = find("serve_app", SCENARIOS[2][0]), find("serve_app", "concurrency 1")
+    wave, naive1 = find("serve_app", "wave c=32 (all at once)"), find("naive", "concurrency 1")
+    return {
+        "offline_step_s": step_s,
+        "closed_loop_vs_offline": closed and closed["steady_output_tokens_per_s"] / limit,
+        "closed_loop_itl_p50_vs_offline_step": closed and closed["itl_s"]["p50"] / step_s,
+        "closed_loop_non_replica_cores": closed and closed["cpu"]["proxy + ingress + router"]["cores"],
+        "chat_vs_offline": chat and chat["steady_output_tokens_per_s"] / limit,
+        "long_prompt_max_itl_s": long and long["itl_max_s"],
+        "c1_vs_naive": c1 and naive1 and c1["output_tokens_per_s"] / naive1["output_tokens_per_s"],
+        "c1_ttft_overhead_ms": c1 and (c1["ttft_s"]["p50"] - offline["prefill_s"]) * 1000,
+        "wave_vs_offline": wave and wave["output_tokens_per_s"] / limit,
+    }
+
+
+TARGETS = [  # (ratio key, text, target, higher is better)
+    ("closed_loop_vs_offline", "closed loop c=32 mixed, steady tok/s ÷ offline limit", 0.75, True),
+    ("closed_loop_itl_p50_vs_offline_step", "closed loop ITL p50 ÷ offline batch-32 step", 1.5, False),
+    ("chat_vs_offline", "chat natural stops, steady tok/s ÷ offline limit", 0.6, True),
+    ("long_prompt_max_itl_s", "longest silence of any stream with 2–3k prompts arriving (s)", 1.0, False),
+    ("c1_vs_naive", "concurrency 1 tok/s ÷ naive", 1.0, True),
+    ("c1_ttft_overhead_ms", "concurrency 1 TTFT p50 over offline prefill (ms)", 50, False),
+    ("wave_vs_offline", "wave c=32 tok/s ÷ offline limit", 0.78, True),
+    ("closed_loop_non_replica_cores", "proxy + ingress + router cores at c=32", 0.3, False),
+]
+
+
 def write_reports(name: str, payload: dict) -> None:
-    offline, ratios, runs = payload["offline"], payload["ratios"], payload["runs"]
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    summary = (f"Model {payload['model']}; {payload['machine']}.\n\n"
-               f"Offline limit (static batch 32): {offline['output_tokens_per_s']:.1f} tok/s; "
-               f"batch-1 prefill {offline['prefill_s'] * 1000:.0f} ms.\n\n"
-               f"- serve_app / naive at concurrency 32: **{fmt(ratios['vs_naive_c32'], '.2f')}×**\n"
-               f"- serve_app / offline limit at batch 32: **{fmt(ratios['vs_offline_b32'], '.2f')}×**\n"
-               f"- TTFT overhead over offline prefill at concurrency 1 (p50): "
-               f"**{fmt(ratios['ttft_overhead_c1_ms'], '.0f')} ms**\n")
-    if payload.get("transformers_serve_error"):
-        summary += f"- transformers serve did not run: {payload['transformers_serve_error']}\n"
-    table = markdown_table(runs)
-    (RESULTS / f"{name}.md").write_text(summary + "\n" + table + "\n")
+    offline, found, runs = payload["offline"], payload["ratios"], payload["runs"]
+    lines = [f"Model {payload['model']}; {payload['machine']}; server args {payload['server_args']}.", "",
+             f"Offline limit (`generate`, static batch 32, 128→128): {offline['output_tokens_per_s']:.1f} tok/s, "
+             f"mean step {found['offline_step_s'] * 1000:.0f} ms; batch-1 prefill {offline['prefill_s'] * 1000:.0f} ms.",
+             "", "| target | measured | goal | |", "|---|---|---|---|"]
+    for key, text, goal, higher in TARGETS:
+        value = found.get(key)
+        if value is None:
+            lines.append(f"| {text} | not run | {'≥' if higher else '≤'} {goal} | |")
+            continue
+        met = value >= goal if higher else value <= goal
+        lines.append(f"| {text} | {value:.2f} | {'≥' if higher else '≤'} {goal} | {'met' if met else '**missed**'} |")
+    summary = "\n".join(lines) + "\n"
+    tables = markdown_table(runs) + "\n\nCPU by process role (cores busy during the run; CPU ms per output token):\n\n" \
+        + cpu_table(runs)
+    (RESULTS / f"{name}.md").write_text(summary + "\n" + tables + "\n")
     chart(runs, offline["output_tokens_per_s"], RESULTS / f"{name}.png")
-    print("\n" + summary + "\n" + table)
+    print("\n" + summary + "\n" + tables)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,30 @@
 import asyncio
 
 from bench.loadgen import Workload, run_load
-from bench.report import chart, markdown_table
+from bench.cpu import CpuMeter
+from bench.report import chart, cpu_table, markdown_table
 from tests.conftest import TINY
 
 
 def test_loadgen_fixed_concurrency_report(server, tmp_path):
+    meter = CpuMeter()
+    meter.start()
     report = asyncio.run(run_load(server, TINY, Workload(input_tokens=16, output_tokens=8), num_requests=6,
                                   concurrency=3))
+    report["cpu"] = meter.stop(report["duration_s"], report["output_tokens"])
     assert report["completed"] == 6 and report["failed_by_status"] == {}
+    assert report["output_tokens"] == 48
     assert report["output_tokens_per_s"] > 0 and report["request_throughput"] > 0
+    assert 0 < report["steady_output_tokens_per_s"] and report["steady_window_s"] <= report["duration_s"]
+    # The serving processes are found by their Ray names and did work.
+    assert report["cpu"]["replica"]["cores"] > 0 and report["cpu"]["ingress"]["cpu_ms_per_token"] > 0
     for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         assert set(report[metric]) == {"p50", "p90", "p99", "mean"}
     assert report["ttft_s"]["p50"] <= report["e2e_s"]["p50"]
     report["system"] = "serve_app"
     table = markdown_table([report])
     assert "serve_app" in table and "6/6" in table
+    assert "replica" in cpu_table([report])
     chart([report], offline_tps=100.0, path=tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
 
@@ -33,3 +42,14 @@ def test_loadgen_poisson_and_mixed_lengths(server):
 def test_loadgen_counts_failures_by_status(server):
     report = asyncio.run(run_load(server, "not-a-model", Workload(8, 2), num_requests=3, concurrency=3))
     assert report["completed"] == 0 and report["failed_by_status"] == {404: 3}
+
+
+def test_loadgen_chat_with_natural_stops_and_long_prompts(server):
+    chat = asyncio.run(run_load(server, TINY, Workload(chat=True, output_tokens=6, natural_stops=True), 3,
+                                concurrency=3))
+    assert chat["completed"] == 3 and chat["output_tokens"] > 0
+    long = Workload(16, 4, long_prompts=(0.5, 300, 400), seed=1)
+    sizes = [len(p.split()) for p, _ in long.requests(8)]
+    assert min(sizes) == 16 and max(sizes) >= 300
+    report = asyncio.run(run_load(server, TINY, long, 4, concurrency=2))
+    assert report["completed"] == 4 and report["itl_max_s"] is not None
