@@ -132,3 +132,22 @@ def test_blocks_return_after_a_thousand_mixed_requests_with_cancellations(tiny_e
     assert "cancelled" in finished.values() and "length" in finished.values()
     assert engine.cache.num_free_blocks == free_at_start
     assert engine.cache.num_sequences == 0
+
+
+def test_fragmented_cache_reads_through_block_gathers_with_the_same_tokens(tiny_engine_factory, lively_model,
+                                                                          reference):
+    """Sequences whose blocks are scattered (no consecutive run) take the gather path everywhere."""
+    engine = tiny_engine_factory(max_num_batched_tokens=8, kv_cache_tokens=4096)
+    cache = engine.cache
+    for i in range(cache.num_blocks):  # take every block, then free every other one
+        cache.allocate(f"filler{i}", 1)
+    for i in range(0, cache.num_blocks, 2):
+        cache.free(f"filler{i}")
+    got = run(engine, requests(lively_model[1]))
+    assert {k: v[1] for k, v in got.items()} == reference
+    reqs = requests(lively_model[1])
+    for r in reqs:
+        engine.add(r)
+    engine.step()
+    assert all(cache.first_slot(s.request_id) is None for s in engine.running)  # really scattered
+    run(engine, [])

@@ -36,6 +36,7 @@ class PagedKVCache:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: reuse recent blocks first
         self._tables: dict[str, list[int]] = {}
         self._block_tables: dict[str, torch.Tensor] = {}
+        self._first_slots: dict[str, int] = {}  # sequences whose blocks happen to be consecutive
         self._slot_maps: dict[str, torch.Tensor] = {}
         self._offsets = torch.arange(block_size, device=device)
 
@@ -81,12 +82,15 @@ class PagedKVCache:
         self._tables[seq_id] = table
         blocks = torch.tensor(table, dtype=torch.long, device=self._offsets.device)
         self._block_tables[seq_id] = blocks
+        if table == list(range(table[0], table[0] + needed)):
+            self._first_slots[seq_id] = table[0] * self.block_size
         self._slot_maps[seq_id] = (blocks.unsqueeze(1) * self.block_size + self._offsets).flatten()
 
     def free(self, seq_id: str) -> None:
         """Return a sequence's blocks (no-op for a sequence that holds none)."""
         self._free.extend(reversed(self._tables.pop(seq_id, [])))
         self._block_tables.pop(seq_id, None)
+        self._first_slots.pop(seq_id, None)
         self._slot_maps.pop(seq_id, None)
 
     # ------------------------------------------------------------ slots
@@ -94,6 +98,11 @@ class PagedKVCache:
     def slots(self, seq_id: str, start: int, end: int) -> torch.Tensor:
         """Physical slots of positions [start, end) of a sequence (a view, no copy)."""
         return self._slot_maps[seq_id][start:end]
+
+    def first_slot(self, seq_id: str) -> int | None:
+        """Where a sequence starts if its blocks are consecutive (then its keys are one slice of
+        the flat cache, read without a gather), else None."""
+        return self._first_slots.get(seq_id)
 
     def blocks(self, seq_id: str, num_tokens: int) -> torch.Tensor:
         """The blocks holding a sequence's first `num_tokens` positions."""

@@ -35,8 +35,9 @@ ATTENTION_NAME = "serve_app_paged"
 class DecodeGroup:
     start: int  # first packed token of the group
     size: int  # sequences (one token each)
-    read_blocks: torch.Tensor  # [size * blocks] cache blocks, padded with the cache's pad block
-    mask: torch.Tensor  # [size, 1, 1, blocks * block_size] bool, True = attend
+    read_blocks: torch.Tensor | None  # [size * blocks] cache blocks, padded with the cache's pad block
+    mask: torch.Tensor | None  # [size, 1, 1, blocks * block_size] bool, True = attend
+    read_span: tuple[int, int] | None = None  # one sequence in consecutive slots: read them as a view
 
 
 @dataclass(slots=True)
@@ -44,7 +45,8 @@ class PrefillChunk:
     start: int
     size: int  # tokens
     read_blocks: torch.Tensor | None  # the blocks of past + these tokens; None when there is no past
-    mask: torch.Tensor | None  # [size, blocks * block_size] lower-right causal; None when there is no past
+    mask: torch.Tensor | None  # [size, keys] lower-right causal; None when there is no past
+    read_span: tuple[int, int] | None = None  # past + these tokens in consecutive slots
 
 
 @dataclass
@@ -57,6 +59,9 @@ class StepLayout:
 def decode_group(cache: PagedKVCache, start: int, seq_ids: list[str], lengths: list[int]) -> DecodeGroup:
     """A group of decoding sequences, given each one's length (after this step's token)."""
     size = len(lengths)
+    first = cache.first_slot(seq_ids[0]) if size == 1 else None
+    if first is not None:  # exactly its keys, no padding: no gather, no mask (the common case at low load)
+        return DecodeGroup(start, 1, None, None, (first, first + lengths[0]))
     device = cache.keys[0].device
     width = cache.blocks_for(max(lengths))
     read = torch.full((size, width), cache.pad_block, dtype=torch.long, device=device)
@@ -72,6 +77,10 @@ def decode_group(cache: PagedKVCache, start: int, seq_ids: list[str], lengths: l
 def prefill_chunk(cache: PagedKVCache, start: int, seq_id: str, past: int, size: int) -> PrefillChunk:
     if past == 0:
         return PrefillChunk(start, size, None, None)
+    first = cache.first_slot(seq_id)
+    if first is not None:
+        mask = torch.ones(size, past + size, dtype=torch.bool, device=cache.keys[0].device).tril(past)
+        return PrefillChunk(start, size, None, mask, (first, first + past + size))
     blocks = cache.blocks(seq_id, past + size)
     keys = len(blocks) * cache.block_size
     # Row i (position past + i) sees positions <= past + i; the blocks' unused tail stays masked.
@@ -108,26 +117,32 @@ def paged_attention_forward(module, query: torch.Tensor, key: torch.Tensor, valu
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     out = query.new_empty(1, query.shape[2], query.shape[1], head_dim)
 
-    def gather(blocks: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # [rows * blocks, block_size, Hkv, D] -> [rows, Hkv, keys, D] (a strided view, no second copy)
-        k = k_cache.index_select(0, blocks).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
-        v = v_cache.index_select(0, blocks).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
+    def gather(seg, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segment's keys and values as [rows, Hkv, keys, D] (strided views)."""
+        if seg.read_span is not None:  # consecutive slots: a slice of the flat cache, no copy
+            a, b = seg.read_span
+            k = cache.flat(k_cache)[a:b].unsqueeze(0).transpose(1, 2)
+            v = cache.flat(v_cache)[a:b].unsqueeze(0).transpose(1, 2)
+            return k, v
+        # [rows * blocks, block_size, Hkv, D] -> [rows, Hkv, keys, D]
+        k = k_cache.index_select(0, seg.read_blocks).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
+        v = v_cache.index_select(0, seg.read_blocks).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
         return k, v
 
     for seg in step_layout.segments:
         end = seg.start + seg.size
         if isinstance(seg, DecodeGroup):
-            k, v = gather(seg.read_blocks, seg.size)
+            k, v = gather(seg, seg.size)
             q = query[0, :, seg.start:end].transpose(0, 1).unsqueeze(2)  # [n, Hq, 1, D]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, scale=scaling, enable_gqa=True)
             out[0, seg.start:end] = o[:, :, 0]
         else:
             q = query[:, :, seg.start:end]
-            if seg.read_blocks is None:
+            if seg.mask is None:  # no past: the chunk attends causally to itself
                 o = F.scaled_dot_product_attention(q, key[:, :, seg.start:end], value[:, :, seg.start:end],
                                                    is_causal=True, scale=scaling, enable_gqa=True)
             else:
-                k, v = gather(seg.read_blocks, 1)
+                k, v = gather(seg, 1)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, scale=scaling, enable_gqa=True)
             out[0, seg.start:end] = o[0].transpose(0, 1)
     return out, None
