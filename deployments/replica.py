@@ -104,6 +104,8 @@ class ModelReplica:
             "in_flight_sequences": self.engine.num_sequences,
             "running_sequences": self.engine.num_running,
             "engine_steps": self.engine.steps,
+            "engine_step_ms_mean": 1000 * self.engine.step_seconds / max(1, self.engine.steps),
+            "engine_tokens_per_step_mean": self.engine.step_tokens / max(1, self.engine.steps),
             "cancelled_sequences": engine.num_cancelled,
             "max_model_len": engine.max_model_len,
             "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,

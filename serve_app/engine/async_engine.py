@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 import torch
@@ -35,6 +36,8 @@ class AsyncEngine:
         self.num_sequences = 0  # waiting + running, as of the last step (read by stats)
         self.num_running = 0
         self.steps = 0
+        self.step_seconds = 0.0  # wall time inside engine steps, summed (stats: mean step time)
+        self.step_tokens = 0  # tokens those steps computed (decode rows + prompt chunks)
         # OpenMP's thread count is per thread: a new thread starts from OMP_NUM_THREADS
         # (Ray sets it to the actor's num_cpus), not from torch.set_num_threads on the
         # creating thread. Measured: 1.8x slower matmuls until the worker sets it itself.
@@ -84,7 +87,10 @@ class AsyncEngine:
                 self._wakeup.clear()
                 continue
             try:
+                started = time.perf_counter()
                 outputs = self.engine.step()
+                self.step_seconds += time.perf_counter() - started
+                self.step_tokens += self.engine.last_step_tokens
             except Exception as e:  # never leave a caller hanging on a failed step
                 logger.exception("engine step failed; failing the sequences in flight")
                 outputs = self.engine.abort_all(f"generation failed: {type(e).__name__}: {e}")
