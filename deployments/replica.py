@@ -172,9 +172,6 @@ class ReplicaChannel:
             for inbox in self.inboxes.values():
                 inbox.put_nowait(ending)
 
-    def close(self) -> None:
-        self._stream.cancel()
-
 
 async def stream_via_channel(channels: dict[str, ReplicaChannel], replicas: DeploymentHandle, replica_id: str,
                              requests: list[GenerationRequest]):

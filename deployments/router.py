@@ -22,7 +22,7 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import routing_state
-from deployments.replica import ReplicaChannel, stream_via_channel
+from deployments.replica import ChannelClosed, ReplicaChannel, stream_via_channel
 from serve_app.admission import AdmissionQueue
 from serve_app.config import AppArgs
 from serve_app.engine.types import GenerationRequest, SequenceOutput
@@ -109,7 +109,7 @@ class RoutedBackend:
                 return
             except APIError:
                 raise  # an answer (429 queue full, ...), not a failure of the graph
-            except RayError as e:
+            except (RayError, ChannelClosed) as e:
                 if produced or attempt == 2:
                     raise self._unavailable(e) from None
                 logger.warning("retrying %s after %s before any output", requests[0].request_id, type(e).__name__)

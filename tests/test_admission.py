@@ -119,7 +119,7 @@ async def test_unreleased_leases_expire():
 
 async def test_before_any_replica_is_known_one_batch_is_admitted_unplaced():
     queue = make(replicas=(), slots_per_replica=2, batch_wait_timeout_s=0)
-    (l1, r1), (l2, r2) = await queue.admit(1), await queue.admit(1)
+    (l1, r1), (_, r2) = await queue.admit(1), await queue.admit(1)
     assert r1 is None and r2 is None  # the caller's handle waits for a replica to start
     third = asyncio.create_task(queue.admit(1))
     await asyncio.sleep(0.05)

@@ -91,3 +91,35 @@ def test_a_long_prompt_does_not_stall_a_running_stream(scaled_out):
     assert result["r"].status_code == 200
     assert len(during_prefill) >= 10, "the stream got no tokens while the long prompt was prefilled"
     assert max(gaps) < 1.0
+
+
+def test_a_killed_model_replica_fails_its_requests_cleanly_and_the_app_recovers(scaled_out):
+    """Runs last in this module: it kills the module's model replica."""
+    import ray
+
+    body = {"model": TINY, "prompt": "hello", "max_tokens": 1900, "temperature": 0, "ignore_eos": True}
+    unary = {}
+    waiter = threading.Thread(target=lambda: unary.update(r=requests.post(
+        f"{scaled_out}/v1/completions", json=body, timeout=120)))
+    events = []
+    with httpx.stream("POST", f"{scaled_out}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # streaming has begun
+        waiter.start()
+        time.sleep(0.5)
+        replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                       if "scaled" in a["name"] and "ModelReplica" in a["name"])
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=False)
+        events = [line[6:] for line in lines if line.startswith("data: ")]  # must end, not hang
+    waiter.join(60)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "replica_failed"  # a final error event
+    assert unary["r"].status_code == 503 and unary["r"].headers["Retry-After"]
+    assert unary["r"].json()["error"]["code"] == "replica_failed"
+    deadline = time.monotonic() + 90  # Serve starts a new replica; the app serves again
+    while True:
+        r = requests.post(f"{scaled_out}/v1/completions", timeout=60, json={**body, "max_tokens": 4})
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+        time.sleep(1)
