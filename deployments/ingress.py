@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextlib import aclosing
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -48,12 +49,14 @@ class Ingress:
         return await self._run(self.frontend.chat(self.frontend.prepare_chat(body)))
 
     async def completions_stream(self, body: dict) -> AsyncIterator[dict]:
-        async for chunk in self.frontend.completion_chunks(self.frontend.prepare_completion(body)):
-            yield chunk
+        async with aclosing(self.frontend.completion_chunks(self.frontend.prepare_completion(body))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def chat_stream(self, body: dict) -> AsyncIterator[dict]:
-        async for chunk in self.frontend.chat_chunks(self.frontend.prepare_chat(body)):
-            yield chunk
+        async with aclosing(self.frontend.chat_chunks(self.frontend.prepare_chat(body))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def generate(self, body: dict) -> dict:
         return await self._run(self.frontend.generate(self.frontend.prepare_generate(body)))

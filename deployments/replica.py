@@ -11,12 +11,14 @@ import asyncio
 import logging
 import os
 import uuid
+from contextlib import aclosing
 
 import ray
 import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.detached import call_detached
 from serve_app.autoscaling import IN_FLIGHT, ROUTER_QUEUE
 from serve_app.config import AppArgs
 from serve_app.engine.async_engine import OutputChannel
@@ -60,8 +62,9 @@ class ModelReplica:
         `replica_id` is read by the caller's request router (it pins the call to this
         replica); closing the stream cancels what is unfinished.
         """
-        async for outputs in self.engine.stream(requests):
-            yield outputs
+        async with aclosing(self.engine.stream(requests)) as outputs_stream:
+            async for outputs in outputs_stream:
+                yield outputs
 
     async def channel(self, replica_id: str | None = None):
         """A stream for one caller: first its channel id, then one list of outputs per
@@ -212,4 +215,4 @@ async def stream_via_channel(channels: dict[str, ReplicaChannel], replicas: Depl
         for rid in ids:
             channel.inboxes.pop(rid, None)
         if pending:
-            replicas.cancel.remote(list(pending), replica_id=replica_id)
+            call_detached(replicas.cancel, list(pending), replica_id=replica_id)

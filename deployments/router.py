@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from contextlib import aclosing
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -22,6 +23,7 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import routing_state
+from deployments.detached import call_detached
 from deployments.replica import ChannelClosed, ReplicaChannel, stream_via_channel
 from serve_app.admission import AdmissionQueue
 from serve_app.config import AppArgs
@@ -103,9 +105,10 @@ class RoutedBackend:
         for attempt in (1, 2):
             produced = False
             try:
-                async for outputs in self._stream_once(requests):
-                    produced = True
-                    yield outputs
+                async with aclosing(self._stream_once(requests)) as stream:
+                    async for outputs in stream:
+                        produced = True
+                        yield outputs
                 return
             except APIError:
                 raise  # an answer (429 queue full, ...), not a failure of the graph
@@ -118,8 +121,10 @@ class RoutedBackend:
         router_id, lease_id, replica_id = await self._call(self._router.admit.remote(len(requests)))
         try:
             if replica_id is not None:
-                async for outputs in stream_via_channel(self._channels, self._replicas, replica_id, requests):
-                    yield outputs
+                async with aclosing(stream_via_channel(self._channels, self._replicas, replica_id,
+                                                       requests)) as outputs_stream:
+                    async for outputs in outputs_stream:
+                        yield outputs
                 return
             # No replica known yet (startup, scale from zero): a call of its own waits for one.
             stream = self._streaming.stream.remote(requests)
@@ -129,7 +134,8 @@ class RoutedBackend:
             finally:
                 stream.cancel()  # no-op when finished; frees the rows when the reader left early
         finally:
-            self._router.release.remote(lease_id, replica_id=router_id)  # fire and forget: never delays the caller
+            # Fire and forget (never delays the caller), and not cancelled with a cancelled request.
+            call_detached(self._router.release, lease_id, replica_id=router_id)
 
     @staticmethod
     async def _call(response):

@@ -9,6 +9,7 @@ unit tests plug in any backend.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -145,9 +146,10 @@ class OpenAIFrontend:
 
     async def _run_to_end(self, requests: list[GenerationRequest]) -> list[SequenceOutput]:
         finals = {r.request_id: SequenceOutput(r.request_id) for r in requests}
-        async for outputs in self.backend.stream(requests):
-            for out in outputs:
-                finals[out.request_id].absorb(out)
+        async with aclosing(self.backend.stream(requests)) as stream:
+            async for outputs in stream:
+                for out in outputs:
+                    finals[out.request_id].absorb(out)
         for out in finals.values():
             raise_if_failed(out)
         return list(finals.values())
@@ -178,16 +180,17 @@ class OpenAIFrontend:
     async def completion_chunks(self, prepared: Prepared) -> AsyncIterator[dict]:
         """OpenAI `text_completion` chunks, one per output delta, then usage if asked."""
         finals: dict[int, SequenceOutput] = {}
-        async for index, out in indexed_outputs(self.backend, prepared.requests):
-            raise_if_failed(out)
-            if not out.text and not out.finished:
-                continue
-            if out.finished:
-                finals[index] = out
-            yield {"id": prepared.response_id, "object": "text_completion", "created": now(),
-                   "model": self.args.model_name,
-                   "choices": [{"index": index, "text": out.text, "finish_reason": out.finish_reason,
-                                "logprobs": None}]}
+        async with aclosing(indexed_outputs(self.backend, prepared.requests)) as outputs:
+            async for index, out in outputs:
+                raise_if_failed(out)
+                if not out.text and not out.finished:
+                    continue
+                if out.finished:
+                    finals[index] = out
+                yield {"id": prepared.response_id, "object": "text_completion", "created": now(),
+                       "model": self.args.model_name,
+                       "choices": [{"index": index, "text": out.text, "finish_reason": out.finish_reason,
+                                    "logprobs": None}]}
         if _include_usage(prepared.body):
             yield {"id": prepared.response_id, "object": "text_completion", "created": now(),
                    "model": self.args.model_name, "choices": [],
@@ -204,17 +207,17 @@ class OpenAIFrontend:
 
         # Wait for the first output before the role chunk: a full queue must still be able
         # to answer with an HTTP 429, which is impossible once a chunk has been sent.
-        outputs = indexed_outputs(self.backend, prepared.requests)
-        first = await anext(outputs, None)
-        yield chunk(ChatDelta(role="assistant", content=""))
         final = None
-        async for _, out in _prepend(first, outputs):
-            raise_if_failed(out)
-            if out.text:
-                yield chunk(ChatDelta(content=out.text))
-            if out.finished:
-                final = out
-                yield chunk(ChatDelta(), finish=out.finish_reason)
+        async with aclosing(indexed_outputs(self.backend, prepared.requests)) as outputs:
+            first = await anext(outputs, None)
+            yield chunk(ChatDelta(role="assistant", content=""))
+            async for _, out in _prepend(first, outputs):
+                raise_if_failed(out)
+                if out.text:
+                    yield chunk(ChatDelta(content=out.text))
+                if out.finished:
+                    final = out
+                    yield chunk(ChatDelta(), finish=out.finish_reason)
         if _include_usage(prepared.body) and final is not None:
             yield chunk(ChatDelta(), usage=total_usage([final]), choices=False)
 
@@ -242,6 +245,7 @@ def _include_usage(body) -> bool:
 async def indexed_outputs(backend: Backend, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, SequenceOutput]]:
     """The requests' output deltas, each with the index of its request (its choice index)."""
     index = {r.request_id: i for i, r in enumerate(requests)}
-    async for outputs in backend.stream(requests):
-        for out in outputs:
-            yield index[out.request_id], out
+    async with aclosing(backend.stream(requests)) as stream:
+        async for outputs in stream:
+            for out in outputs:
+                yield index[out.request_id], out
