@@ -23,6 +23,7 @@ from serve_app.autoscaling import IN_FLIGHT, ROUTER_QUEUE
 from serve_app.config import AppArgs
 from serve_app.engine.async_engine import OutputChannel
 from serve_app.engine.factory import build_engine
+from serve_app.engine.pacing import PacedReader
 from serve_app.engine.loading import select_device
 from serve_app.engine.types import GenerationRequest, coalesce
 
@@ -199,10 +200,9 @@ async def stream_via_channel(channels: dict[str, ReplicaChannel], replicas: Depl
                 raise
     pending = set(ids)
     try:
+        reader = PacedReader(inbox, 0.0)  # everything that arrived, as one batch
         while pending:
-            items = [await inbox.get()]
-            while not inbox.empty():
-                items.append(inbox.get_nowait())
+            items = await reader.next_batch()
             for item in items:
                 if isinstance(item, Exception):
                     raise item

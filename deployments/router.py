@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from contextlib import aclosing
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from ray import serve
 from ray.exceptions import RayError
