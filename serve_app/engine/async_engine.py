@@ -26,8 +26,18 @@ Sink = Callable[[list[SequenceOutput]], None]
 
 
 class AsyncEngine:
-    def __init__(self, engine: BatchEngine, stream_interval_s: float = 0.0):
-        self.engine = engine
+    """`build` makes the BatchEngine (load the model, allocate the cache) on the engine
+    thread itself, so that thread is the only one in the process that ever runs torch.
+
+    Why: libgomp keeps one worker pool per thread that has entered a parallel region,
+    and once the process has more OpenMP threads than cores it stops spinning between
+    regions and sleeps instead. A model loaded on the replica's thread and stepped on
+    this one left 2 masters + 2 workers on 2 cores: small decode matmuls took 3x longer
+    (191 vs 61 us) and a replica stepped at the speed of one thread. Passing a built
+    BatchEngine still works (tests), at that cost.
+    """
+
+    def __init__(self, build: Callable[[], BatchEngine] | BatchEngine, stream_interval_s: float = 0.0):
         self.stream_interval_s = stream_interval_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # request_id -> its group's sink (worker thread only)
@@ -42,8 +52,14 @@ class AsyncEngine:
         # (Ray sets it to the actor's num_cpus), not from torch.set_num_threads on the
         # creating thread. Measured: 1.8x slower matmuls until the worker sets it itself.
         self._torch_threads = torch.get_num_threads()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.engine: BatchEngine | None = build if isinstance(build, BatchEngine) else None
+        self._build_error: BaseException | None = None
+        built = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(build, built), name="engine", daemon=True)
         self._thread.start()
+        built.wait()
+        if self._build_error is not None:
+            raise self._build_error
 
     # ------------------------------------------------------------ asyncio side
 
@@ -78,8 +94,16 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ worker thread
 
-    def _run(self) -> None:
+    def _run(self, build, built: threading.Event) -> None:
         torch.set_num_threads(self._torch_threads)
+        try:
+            if self.engine is None:
+                self.engine = build()
+        except BaseException as e:  # handed to the constructor, which raises it
+            self._build_error = e
+            return
+        finally:
+            built.set()
         while not self._stopped:
             self._apply_commands()
             if not self.engine.has_work:

@@ -24,16 +24,19 @@ def max_model_len_for(args: AppArgs, model_config, tokenizer) -> int:
 
 
 def build_engine(args: AppArgs, device: torch.device) -> AsyncEngine:
-    """Load the model on `device` and start its engine thread."""
-    model, tokenizer = load_model(args.model, args.dtype, device)
-    max_model_len = max_model_len_for(args, model.config, tokenizer)
-    engine = BatchEngine(
-        model, tokenizer, eos_token_ids(model, tokenizer),
-        max_batch_size=args.max_batch_size, max_model_len=max_model_len,
-        kv_cache_tokens=args.kv_tokens(max_model_len),
-        max_num_batched_tokens=args.step_token_budget(device.type),
-    )
-    return AsyncEngine(engine, stream_interval_s=args.stream_interval_s)
+    """Start an engine thread that loads the model on `device` (see AsyncEngine: the
+    thread that steps the model must be the one that loaded it)."""
+    def build() -> BatchEngine:
+        model, tokenizer = load_model(args.model, args.dtype, device)
+        max_model_len = max_model_len_for(args, model.config, tokenizer)
+        return BatchEngine(
+            model, tokenizer, eos_token_ids(model, tokenizer),
+            max_batch_size=args.max_batch_size, max_model_len=max_model_len,
+            kv_cache_tokens=args.kv_tokens(max_model_len),
+            max_num_batched_tokens=args.step_token_budget(device.type),
+        )
+
+    return AsyncEngine(build, stream_interval_s=args.stream_interval_s)
 
 
 def serving_limits(args: AppArgs):
