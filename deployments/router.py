@@ -61,6 +61,10 @@ class Router:
     def release(self, lease_id: int, replica_id: str | None = None) -> None:
         self.queue.release(lease_id)
 
+    def ready_replicas(self) -> int:
+        """Model replicas that are running (initialized and healthy), as Serve tells this router."""
+        return len(routing_state.RUNNING_REPLICAS)
+
     def queue_length(self) -> int:
         return self.queue.queue_length
 

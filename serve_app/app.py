@@ -45,6 +45,7 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
     router = Router.options(
         ray_actor_options={"num_cpus": args.router_num_cpus},
         num_replicas=args.router_replicas,
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
         max_ongoing_requests=4 * args.max_queue_len + 64,
         # A lease goes back to the Router replica that granted it.
         request_router_config=RequestRouterConfig(request_router_class=PinnedReplicaRequestRouter),
@@ -52,5 +53,7 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
     return Ingress.options(
         ray_actor_options={"num_cpus": args.ingress_num_cpus},
         num_replicas=args.ingress_replicas,
+        # Serve's default is 20 s: a redeploy would cut every longer stream.
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
         max_ongoing_requests=4 * args.max_queue_len + 64,
     ).bind(router, replica, plain)

@@ -118,11 +118,30 @@ class AppArgs(BaseModel):
     ingress_replicas: int = Field(1, ge=1, le=256, description="Ingress replicas (HTTP, tokenization, SSE).")
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
     graceful_shutdown_timeout_s: float = Field(
-        120, ge=0, description="A replica being removed finishes its sequences for up to this long."
+        120, ge=0, description="A replica being removed (redeploy, scale down, `serve shutdown`) finishes its "
+        "requests for up to this long; the same for ingress, router and model replicas."
     )
 
+    # Limits on one request, checked at the ingress before anything reaches the engine.
+    max_prompts_per_request: int = Field(32, ge=1, le=1024, description="Length of a /v1/completions prompt list.")
+    max_messages: int = Field(512, ge=1, description="Messages in one chat request.")
+    max_stop_chars: int = Field(256, ge=1, le=4096, description="Length of one stop string.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Tokens in one prompt (default: max_model_len - 1); longer prompts get 400.")
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline for receiving a request body; a slower client gets 408.")
+
     # Security
-    api_key: str | None = Field(None, description="If set, clients must send `Authorization: Bearer <key>`.")
+    api_key: str | list[str] | None = Field(
+        None, description="Accepted keys: clients send `Authorization: Bearer <key>`. Also read from the "
+        "SERVE_APP_API_KEYS environment variable (comma-separated) and `api_key_file`; any of them enables auth.")
+    api_key_file: str | None = Field(None, description="A file with one accepted API key per line.")
+    allowed_hosts: list[str] | None = Field(
+        None, description="Host header values served (e.g. ['api.example.com', 'localhost']); others get 400. "
+        "A leading '*.' matches subdomains. Default: any host.")
+    trust_ray_headers: bool = Field(
+        False, description="Honour Ray's per-request control headers (x-request-disconnect-disabled, "
+        "x-request-timeout-seconds) from clients; off, such requests get 400.")
 
     @property
     def model_name(self) -> str:

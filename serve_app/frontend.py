@@ -8,6 +8,7 @@ unit tests plug in any backend.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ def parse_body(model_cls: type[BaseModel], body: Any) -> BaseModel:
     """Validate a JSON body; the first problem becomes a 400 naming its field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_body")
+    check_text(body)
     try:
         return model_cls.model_validate(body)
     except ValidationError as e:
@@ -45,6 +47,30 @@ def parse_body(model_cls: type[BaseModel], body: Any) -> BaseModel:
             raise APIError(400, f"'{param}' is a required property", param=param, code="missing_field") from None
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param,
                        code="invalid_value") from None
+
+
+MAX_JSON_DEPTH = 32  # no field of the API nests deeper than a few levels
+
+
+def check_text(value: Any, path: str = "", depth: int = 0) -> None:
+    """Every string must be encodable text (JSON allows lone UTF-16 surrogates, which
+    no tokenizer accepts), and nothing nests absurdly deep: 400 naming the field."""
+    if depth > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels at '{path}'",
+                       param=path or None, code="invalid_body")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"Invalid value for '{path or 'body'}': not valid Unicode text "
+                                "(a lone UTF-16 surrogate)", param=path or None, code="invalid_value") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, path, depth + 1)
+            check_text(item, f"{path}.{key}" if path else str(key), depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_text(item, f"{path}.{i}", depth + 1)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
@@ -81,6 +107,10 @@ class OpenAIFrontend:
     def prepare_completion(self, body: Any) -> Prepared:
         req = parse_body(CompletionRequest, body)
         self._check_common(req)
+        if len(req.prompts) > self.args.max_prompts_per_request:
+            raise APIError(400, f"'prompt' is a list of {len(req.prompts)} prompts; this server accepts at most "
+                                f"{self.args.max_prompts_per_request} per request", param="prompt",
+                           code="too_many_prompts")
         rid = new_id("cmpl")
         ids = [self._encode(p, "prompt") for p in req.prompts]
         return Prepared(req, [self._engine_request(f"{rid}-{i}", t, req, req.max_tokens)
@@ -89,17 +119,16 @@ class OpenAIFrontend:
     def prepare_chat(self, body: Any) -> Prepared:
         req = parse_body(ChatCompletionRequest, body)
         self._check_common(req)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        if len(req.messages) > self.args.max_messages:
+            raise APIError(400, f"'messages' has {len(req.messages)} messages; this server accepts at most "
+                                f"{self.args.max_messages}", param="messages", code="too_many_messages")
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"model {self.args.model_name!r} has no chat template; use /v1/completions",
                            param="messages", code="no_chat_template")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # the template itself may reject a conversation (e.g. role order)
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+        ids = encode_chat(self.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+        self._check_prompt_length(ids, "messages")
         rid = new_id("chatcmpl")
-        return Prepared(req, [self._engine_request(rid, self._encode(text, "messages"), req,
-                                                   req.requested_max_tokens)], rid)
+        return Prepared(req, [self._engine_request(rid, ids, req, req.requested_max_tokens)], rid)
 
     def prepare_generate(self, body: Any) -> GenerationRequest:
         req = parse_body(GenerateRequest, body)
@@ -112,21 +141,43 @@ class OpenAIFrontend:
             raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
                                 f"'{self.args.model_name}'", param="model", code="model_not_found")
         req.check_supported()
+        for s in req.stop:
+            if len(s) > self.args.max_stop_chars:
+                raise APIError(400, f"a stop string is {len(s)} characters long; at most "
+                                    f"{self.args.max_stop_chars} are allowed", param="stop", code="stop_too_long")
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return min(self.args.max_prompt_tokens or self.max_model_len, self.max_model_len - 1)
+
+    def _check_prompt_length(self, ids: list[int], param: str) -> None:
+        if len(ids) > self.max_prompt_tokens:
+            raise APIError(400, f"'{param}' is {len(ids)} tokens long; this server accepts at most "
+                                f"{self.max_prompt_tokens} prompt tokens", param=param, code="context_length_exceeded")
 
     def _encode(self, text: str, param: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=param == "prompt")["input_ids"]
+        # A prompt longer than this many characters cannot fit in any case (a token is
+        # rarely under one character): refuse it before paying for its tokenization.
+        if len(text) > 64 * self.max_prompt_tokens:
+            raise APIError(400, f"'{param}' is {len(text)} characters long, far more than the "
+                                f"{self.max_prompt_tokens} prompt tokens this server accepts", param=param,
+                           code="context_length_exceeded")
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if not ids:
             if self.tokenizer.bos_token_id is None:
                 raise APIError(400, f"'{param}' must not be empty", param=param)
             ids = [self.tokenizer.bos_token_id]
+        self._check_prompt_length(ids, param)
         return ids
 
     def _engine_request(self, rid: str, ids: list[int], req, max_tokens: int | None) -> GenerationRequest:
         room = self.max_model_len - len(ids)
         if max_tokens is None:
             max_tokens = max(1, min(self.args.max_tokens_default, room))
+        # top_k at or past the vocabulary keeps every token: the same as off.
+        top_k = req.top_k if req.top_k < len(self.tokenizer) else 0
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=top_k,
             stop=tuple(req.stop), seed=req.seed, ignore_eos=req.ignore_eos,
         )
         return self._make_request(rid, ids, params, "max_tokens")
@@ -220,6 +271,42 @@ class OpenAIFrontend:
                     yield chunk(ChatDelta(), finish=out.finish_reason)
         if _include_usage(prepared.body) and final is not None:
             yield chunk(ChatDelta(), usage=total_usage([final]), choices=False)
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation, with message contents tokenized as plain text.
+
+    A user who types the model's control tokens (`<|im_start|>system ...`) must not
+    get them parsed as control tokens: the template is rendered around placeholders,
+    its own text tokenized normally and each content with special tokens split.
+    """
+    marks = [f"\x1fserve-app-content-{i}\x1f" for i in range(len(messages))]
+    template = _render_chat(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks)])
+    pieces = re.split("(" + "|".join(re.escape(m) for m in marks) + ")", template)
+    if sorted(p for p in pieces if p in marks) != sorted(marks):
+        # The template transforms contents (it did not keep each placeholder once): tokenize
+        # the rendering as a whole, which is safe only when no content holds a control token.
+        specials = [t for t in tokenizer.all_special_tokens if t]
+        if any(t in m["content"] for m in messages for t in specials):
+            raise APIError(400, "message content contains the model's control tokens", param="messages",
+                           code="invalid_value")
+        return tokenizer(_render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    content = dict(zip(marks, (m["content"] for m in messages)))
+    ids: list[int] = []
+    for piece in pieces:
+        if piece in content:
+            if content[piece]:
+                ids += tokenizer(content[piece], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _render_chat(tokenizer, messages: list[dict]) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # the template itself may reject a conversation (e.g. role order)
+        raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
 
 
 async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:

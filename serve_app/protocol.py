@@ -89,7 +89,7 @@ class _GenerationFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="Extension: 0 disables top-k.")
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="Any 64-bit integer.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

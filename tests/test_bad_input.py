@@ -33,7 +33,7 @@ CASES = [
     (CHAT, {"model": TINY, "messages": MSG, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
     (CHAT, {"model": TINY, "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
     (CHAT, {"model": "gpt-4o", "messages": MSG}, 404, "model", "model_not_found"),
-    (COMP, {"model": TINY, "prompt": "word " * 3000}, 400, "max_tokens", "context_length_exceeded"),
+    (COMP, {"model": TINY, "prompt": "word " * 3000}, 400, "prompt", "context_length_exceeded"),
     (COMP, {"model": TINY, "prompt": "hi", "max_tokens": 2047}, 400, "max_tokens", "context_length_exceeded"),
     (COMP, {"model": TINY, "prompt": []}, 400, "prompt", "invalid_value"),
     (COMP, {"model": TINY, "prompt": [1, 2, 3]}, 400, "prompt", "invalid_value"),
@@ -82,7 +82,8 @@ bodies = st.dictionaries(fields, json_values, max_size=6).map(lambda d: {**d, "m
 def test_fuzzed_bodies_never_get_a_5xx(server, route, body, with_model):
     if with_model:
         body = {**body, "model": TINY}
-    r = requests.post(f"{server}{route}", data=json.dumps(body), timeout=60)
+    r = requests.post(f"{server}{route}", data=json.dumps(body), headers={"Content-Type": "application/json"},
+                      timeout=60)
     assert r.status_code < 500, (body, r.text)
     if r.status_code >= 400:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}

@@ -58,12 +58,25 @@ class IncrementalDetokenizer:
         return out
 
     def _held_back(self) -> int:
-        """Length of the longest suffix of `text` that begins some stop string."""
+        """Length of the longest suffix of `text` that begins some stop string.
+
+        Only prefixes that end with the text's last character can match, so each
+        stop string is probed at those positions alone (not at every length: that
+        was quadratic in the stop string's length, per token, per row).
+        """
         text = self.text
+        if not text:
+            return 0
+        last = text[-1]
         best = 0
         for s in self._stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
+            n = min(len(s) - 1, len(text))
+            while n > best:
+                n = s.rfind(last, 0, n) + 1  # longest candidate prefix s[:n] ending in `last`
+                if n <= best:
+                    break
                 if text.endswith(s[:n]):
                     best = n
                     break
+                n -= 1
         return best

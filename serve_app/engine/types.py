@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM
+
+
 class SamplingParams(BaseModel):
     """Per-sequence decoding parameters; every row of a batch has its own."""
 
@@ -18,12 +21,13 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0 = off
     stop: tuple[str, ...] = ()
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator accepts
     ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows float32; it is argmax in all but name.
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 class GenerationRequest(BaseModel):
