@@ -148,3 +148,61 @@ def test_batch_size_bound_is_respected(tiny_engine_factory, encode):
         engine.step()
         peak = max(peak, len(engine.running))
     assert peak == 2
+
+
+def test_a_failed_step_fails_every_sequence_it_holds_and_the_engine_goes_on(tiny_engine_factory, encode):
+    """E.g. out of memory in a prefill: no sequence is left in neither list (an orphan nobody
+    finishes), the KV blocks come back, and the next request is served normally."""
+    engine = tiny_engine_factory(max_batch_size=4, max_num_batched_tokens=16)
+    expected = run(engine, [greedy("solo", encode(PROMPTS[1]))])["solo"][1]
+    free_blocks = engine.cache.num_free_blocks
+    for i, p in enumerate(PROMPTS):  # 5 sequences: some running (prefilling in chunks), some waiting
+        engine.add(greedy(str(i), encode(p * 4)))
+    engine.step()
+    real_forward = engine.model.forward
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    engine.model.forward = boom
+    try:
+        outs = engine.step()
+    finally:
+        engine.model.forward = real_forward
+    assert sorted(o.request_id for o in outs) == [str(i) for i in range(len(PROMPTS))]
+    assert all(o.finish_reason == "error" and "out of memory" in o.error for o in outs)
+    assert not engine.has_work and engine.cache.num_free_blocks == free_blocks
+    assert run(engine, [greedy("again", encode(PROMPTS[1]))])["again"][1] == expected
+
+
+def test_an_error_in_one_sequence_fails_only_that_sequence(tiny_engine_factory, encode):
+    engine = tiny_engine_factory()
+    reqs = [greedy(str(i), encode(p)) for i, p in enumerate(PROMPTS)]
+    alone = {r.request_id: run(engine, [r])[r.request_id][1] for r in reqs}
+    for r in reqs:
+        engine.add(r)
+    engine.step()  # every prompt is prefilled: now break one sequence's detokenizer
+    bad = next(s for s in engine.running if s.request_id == "2")
+
+    def broken(token):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "simulated")
+
+    bad.detok.add_token = broken
+    results = run(engine, [])
+    assert results["2"][2].finish_reason == "error" and "UnicodeDecodeError" in results["2"][2].error
+    for rid, expected in alone.items():
+        if rid != "2":
+            assert results[rid][1] == expected[len(expected) - len(results[rid][1]):]
+            assert results[rid][2].finish_reason == "length"
+
+
+def test_a_nan_distribution_fails_its_row_only():
+    import torch
+
+    from serve_app.engine.sampling import sample_next_tokens
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [float("nan")] * 3, [2.0, 1.0, 0.0]])
+    params = [SamplingParams(temperature=1.0)] * 3
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    tokens = sample_next_tokens(logits, params, gens)
+    assert isinstance(tokens[1], RuntimeError) and all(isinstance(tokens[i], int) for i in (0, 2))

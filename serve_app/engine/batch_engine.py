@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import logging
+
 import torch
 
 from serve_app.engine.kv_cache import PagedKVCache
@@ -24,6 +26,8 @@ from serve_app.engine.types import GenerationRequest, SequenceOutput
 
 DEFAULT_BLOCK_SIZE = 16
 
+
+logger = logging.getLogger(__name__)
 
 class BatchEngine:
     """Generates for many sequences at once; not thread-safe (one driver thread)."""
@@ -77,11 +81,15 @@ class BatchEngine:
     def step(self) -> list[SequenceOutput]:
         """Run one scheduled step; return what changed (new text, finished sequences)."""
         outputs = self._drop_cancelled()
-        plan = self.scheduler.schedule()
-        self.last_step_tokens = plan.num_tokens
-        if not plan:
-            return outputs
-        sampled, logits = self._forward(plan)
+        try:
+            plan = self.scheduler.schedule()
+            self.last_step_tokens = plan.num_tokens
+            if not plan:
+                return outputs
+            sampled, logits = self._forward(plan)
+        except Exception as e:  # e.g. out of memory: the step is lost for every sequence in it
+            logger.exception("engine step failed; failing every sequence it holds")
+            return outputs + self.abort_all(f"generation failed: {type(e).__name__}: {e}")
         return outputs + self._advance(sampled, logits)
 
     def abort_all(self, error: str) -> list[SequenceOutput]:
@@ -150,19 +158,32 @@ class BatchEngine:
         tokens = sample_next_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
         outputs = []
         for seq, token in zip(seqs, tokens):
-            seq.output_ids.append(token)
-            is_eos = token in self.eos_token_ids and not seq.params.ignore_eos
-            text = "" if is_eos else seq.detok.add_token(token)
-            if is_eos or seq.detok.stopped:
-                seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= seq.params.max_tokens or seq.total_len >= self.max_model_len:
-                seq.finish_reason = "length"
-            if seq.finish_reason:
-                if not seq.detok.stopped:
-                    text += seq.detok.flush()
+            try:
+                outputs.append(self._advance_one(seq, token))
+            except Exception as e:  # this sequence only: the others in the batch go on
+                logger.exception("sequence %s failed", seq.request_id)
+                seq.finish_reason = "error"
                 self.scheduler.remove(seq)
-            outputs.append(seq.output(text, [token]))
+                out = seq.output("", [])
+                out.error = f"generation failed: {type(e).__name__}: {e}"
+                outputs.append(out)
         return outputs
+
+    def _advance_one(self, seq: Sequence, token: int | Exception) -> SequenceOutput:
+        if isinstance(token, Exception):
+            raise token
+        seq.output_ids.append(token)
+        is_eos = token in self.eos_token_ids and not seq.params.ignore_eos
+        text = "" if is_eos else seq.detok.add_token(token)
+        if is_eos or seq.detok.stopped:
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_tokens or seq.total_len >= self.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason:
+            if not seq.detok.stopped:
+                text += seq.detok.flush()
+            self.scheduler.remove(seq)
+        return seq.output(text, [token])
 
     def _drop_cancelled(self) -> list[SequenceOutput]:
         if not self._cancelled:

@@ -39,8 +39,9 @@ def sample_next_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
-) -> list[int]:
-    """Pick one token per row. `logits` is [batch, vocab] for the last position."""
+) -> list[int | Exception]:
+    """Pick one token per row (or the error that row met). `logits` is [batch, vocab] for the
+    last position."""
     logits = logits.float()
     greedy_tokens = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -57,7 +58,10 @@ def sample_next_tokens(
         sub = filter_logits(sub, top_k, top_p)
     probs = sub.softmax(dim=-1)
 
-    tokens = greedy_tokens.tolist()
+    tokens: list[int | Exception] = greedy_tokens.tolist()
     for j, i in enumerate(sampled_rows):
-        tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]).item())
+        try:
+            tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]).item())
+        except RuntimeError as e:  # NaN/inf in this row's distribution: this row fails, not the batch
+            tokens[i] = e
     return tokens
