@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -23,7 +24,7 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import routing_state
-from deployments.detached import call_detached
+from deployments.detached import broadcast_detached, call_detached
 from deployments.replica import ChannelClosed, ReplicaChannel, stream_via_channel
 from serve_app.admission import AdmissionQueue
 from serve_app.config import AppArgs
@@ -52,14 +53,18 @@ class Router:
             lease_timeout_s=lease_timeout,
         )
 
-    async def admit(self, num_sequences: int) -> tuple[str, int, str | None]:
+    async def admit(self, num_sequences: int, key: str | None = None) -> tuple[str, int | str, str | None]:
         """Wait in the queue; return (this router's replica id, lease id, model replica id or
-        None = any replica). The lease goes back with `release(lease_id, replica_id=<router>)`."""
-        lease_id, model_replica = await self.queue.admit(num_sequences)
+        None = any replica). The lease goes back with `release(lease_id, replica_id=<router>)`;
+        a caller that never got the answer sends `abandon(key)` to every router."""
+        lease_id, model_replica = await self.queue.admit(num_sequences, key)
         return self.replica_id, lease_id, model_replica
 
-    def release(self, lease_id: int, replica_id: str | None = None) -> None:
+    def release(self, lease_id: int | str, replica_id: str | None = None) -> None:
         self.queue.release(lease_id)
+
+    def abandon(self, key: str) -> None:
+        self.queue.abandon(key)
 
     def ready_replicas(self) -> int:
         """Model replicas that are running (initialized and healthy), as Serve tells this router."""
@@ -122,7 +127,7 @@ class RoutedBackend:
                 logger.warning("retrying %s after %s before any output", requests[0].request_id, type(e).__name__)
 
     async def _stream_once(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
-        router_id, lease_id, replica_id = await self._call(self._router.admit.remote(len(requests)))
+        router_id, lease_id, replica_id = await self._admit(len(requests))
         try:
             if replica_id is not None:
                 async with aclosing(stream_via_channel(self._channels, self._replicas, replica_id,
@@ -141,12 +146,17 @@ class RoutedBackend:
             # Fire and forget (never delays the caller), and not cancelled with a cancelled request.
             call_detached(self._router.release, lease_id, replica_id=router_id)
 
-    @staticmethod
-    async def _call(response):
+    async def _admit(self, num_sequences: int):
+        key = uuid.uuid4().hex
+        response = self._router.admit.remote(num_sequences, key)
         try:
             return await response
         except asyncio.CancelledError:
             response.cancel()  # the caller left while queued: take it out of the queue
+            # The grant may already be on the wire, and a cancelled response never yields it:
+            # without this, 16 of 200 requests timing out at 50 ms kept their slots until
+            # their lease expired. Which router has the key is unknown: tell them all.
+            broadcast_detached(self._router, "abandon", key)
             raise
 
     def _unavailable(self, error: Exception) -> APIError:

@@ -12,9 +12,11 @@ straight from the replica it was given, then releases its lease.
 - A replica has `slots_per_replica` slots; beyond them requests wait here,
   where the wait is visible (queue length drives autoscaling) and bounded
   (429 with Retry-After beyond `max_queue_len`).
-- A caller that leaves while queued is removed from the queue; a lease whose
-  holder never releases it (the caller's process died) expires after
-  `lease_timeout_s`, so slots cannot leak.
+- A caller that leaves while queued is removed from the queue. One that leaves
+  while its admission is answered (the grant is on the wire) `abandon`s its
+  lease key: released if granted, removed if queued, refused if it arrives
+  later. A lease whose holder never releases it (the caller's process died)
+  expires after `lease_timeout_s`, so slots cannot leak.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ UNPLACED = ""  # the "replica" of requests admitted before any replica is known 
 @dataclass(eq=False)
 class Ticket:
     size: int  # sequences
-    lease_id: int
+    lease_id: int | str
     admitted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     replica_id: str | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -64,7 +66,8 @@ class AdmissionQueue:
         self.retry_after_s = retry_after_s
         self.lease_timeout_s = lease_timeout_s
         self._queue: deque[Ticket] = deque()
-        self._leases: dict[int, Ticket] = {}
+        self._leases: dict[int | str, Ticket] = {}
+        self._abandoned: dict[int | str, float] = {}  # lease keys abandoned before their admit arrived
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()  # queue grew or slots freed
         self._loop_task: asyncio.Task | None = None
@@ -86,13 +89,16 @@ class AdmissionQueue:
     def in_flight(self) -> int:
         return sum(self.load.values())
 
-    async def admit(self, num_sequences: int) -> tuple[int, str | None]:
-        """Wait for a place; return (lease id, replica id). The caller must `release` the lease."""
+    async def admit(self, num_sequences: int, key: str | None = None) -> tuple[int | str, str | None]:
+        """Wait for a place; return (lease id, replica id). The caller must `release` the lease.
+        `key`: the caller's own lease id, so it can `abandon` a grant it never received."""
+        if key is not None and self._abandoned.pop(key, None) is not None:
+            raise asyncio.CancelledError(f"lease {key} was abandoned before it was asked for")
         if len(self._queue) >= self.max_queue_len:
             self.rejected += 1
             raise queue_full(f"server is at capacity: {len(self._queue)} requests are already waiting; "
                              "retry later", retry_after=self.retry_after_s)
-        ticket = Ticket(num_sequences, next(self._ids))
+        ticket = Ticket(num_sequences, key if key is not None else next(self._ids))
         self._queue.append(ticket)
         self._changed.set()
         if self._loop_task is None or self._loop_task.done():
@@ -101,15 +107,31 @@ class AdmissionQueue:
             await asyncio.shield(ticket.admitted)
         except asyncio.CancelledError:
             self.cancelled += 1
-            if ticket.admitted.done():
-                self.release(ticket.lease_id)  # admitted just as the caller left
-            else:
+            if ticket in self._queue:  # still waiting (abandon() may have removed it already)
                 self._queue.remove(ticket)
                 ticket.admitted.cancel()
+            else:
+                self.release(ticket.lease_id)  # admitted just as the caller left (no-op if not)
             raise
         return ticket.lease_id, ticket.replica_id or None
 
-    def release(self, lease_id: int) -> None:
+    def abandon(self, key: str) -> None:
+        """The caller left around the time of its admission: free whatever it holds or waits for."""
+        if key in self._leases:
+            self.release(key)
+            return
+        for ticket in self._queue:
+            if ticket.lease_id == key:
+                # Out of the queue now, before the admission loop can grant it; its admit()
+                # wakes up cancelled and counts it.
+                self._queue.remove(ticket)
+                ticket.admitted.cancel()
+                return
+        now = time.monotonic()
+        self._abandoned = {k: t for k, t in self._abandoned.items() if t > now}
+        self._abandoned[key] = now + 60  # its admit may still be on the way
+
+    def release(self, lease_id: int | str) -> None:
         """The caller's sequences have finished (or failed) on their replica."""
         ticket = self._leases.pop(lease_id, None)
         if ticket is None:

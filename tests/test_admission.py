@@ -135,3 +135,22 @@ async def test_a_request_of_many_sequences_counts_each():
     queue.release(lease)
     queue.release(lease)  # twice is harmless
     assert queue.in_flight == 0
+
+
+async def test_an_abandoned_key_frees_its_lease_its_place_or_its_future_admission():
+    queue = make(slots_per_replica=1)
+    lease, _ = await queue.admit(1, "granted")
+    waiting = asyncio.create_task(queue.admit(1, "queued"))
+    await asyncio.sleep(0.05)
+    queue.abandon("queued")  # still queued: removed, its admit() ends cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    queue.abandon("granted")  # granted, but the caller never saw the answer: released
+    assert queue.in_flight == 0 and queue.queue_length == 0
+    queue.abandon("late")  # abandoned before its admit arrived: that admit is refused
+    with pytest.raises(asyncio.CancelledError):
+        await queue.admit(1, "late")
+    lease, _ = await queue.admit(1, "fresh")
+    assert queue.in_flight == 1
+    queue.release(lease)
+    assert queue.in_flight == 0
