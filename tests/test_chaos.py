@@ -97,6 +97,9 @@ def test_killing_each_part_under_load_loses_no_request(chaos_app):
     for deployment in ("ModelReplica", "Router", "Ingress"):
         phase[0] = f"killed {deployment}"
         kill_one("chaos", deployment)
+        if deployment != "Ingress":  # /stats answers in JSON while a part is down
+            r = requests.get(f"{chaos_app}/stats?replicas=1", timeout=30)
+            assert r.status_code == 200 and "unreachable" in r.json(), r.text
         recovery[deployment] = wait_until_serving(chaos_app)
         time.sleep(2)
     phase[0] = "after"
