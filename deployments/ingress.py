@@ -8,9 +8,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from collections.abc import AsyncIterator
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -21,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from deployments import quiet_logs
+from deployments.metrics import count_error
 from deployments.router import RoutedBackend, sum_router_stats
 from serve_app.config import AppArgs
 from serve_app.engine.factory import serving_limits
@@ -35,13 +37,15 @@ logger = logging.getLogger("ray.serve")
 @serve.ingress()
 class Ingress:
     def __init__(self, router: DeploymentHandle, replicas: DeploymentHandle, args: dict):
+        quiet_logs.install()
         self.args = AppArgs.model_validate(args)
         self.api_keys = load_api_keys(self.args)
         tokenizer, self.max_model_len = serving_limits(self.args)
         self.router = router
         self.replicas = replicas
         self.frontend = OpenAIFrontend(self.args, tokenizer, self.max_model_len,
-                                       RoutedBackend(router, replicas, self.args.retry_after_s))
+                                       RoutedBackend(router, replicas, self.args.retry_after_s,
+                                                     self.args.model_name))
         # Validation, templating and tokenization run here, off the event loop: a 900 kB
         # prompt must not stall every other stream and /health of this ingress. One thread:
         # the tokenizer releases the GIL, and requests are prepared in arrival order.
@@ -186,7 +190,7 @@ def build_http_app(ingress: Ingress) -> Starlette:
         stream = chunks(prepared)
         # Start generating before answering, so queue-full and early errors get a real status.
         first = await ingress._run(anext(stream), timeout)
-        return StreamingResponse(sse(first, stream, timeout), media_type="text/event-stream",
+        return StreamingResponse(sse(first, stream, timeout, args.model_name), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def completions(request: Request) -> Response:
@@ -226,6 +230,7 @@ def build_http_app(ingress: Ingress) -> Starlette:
         return JSONResponse(await ingress.stats(include))
 
     async def on_api_error(request: Request, exc: APIError) -> Response:
+        count_error(args.model_name, exc.status, exc.code)
         return error_response(exc)
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
@@ -267,6 +272,7 @@ class EdgeGuard:
             try:
                 check_edge(headers, self.args)
             except APIError as err:
+                count_error(self.args.model_name, err.status, err.code)
                 await error_response(err)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -280,7 +286,8 @@ def _is_loopback(request: Request) -> bool:
         return host == "localhost"
 
 
-async def sse(first: dict, rest: AsyncIterator[dict], timeout: float | None) -> AsyncIterator[str]:
+async def sse(first: dict, rest: AsyncIterator[dict], timeout: float | None, model_name: str = ""
+              ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's framing; errors after the first byte become an error event."""
     yield f"data: {json.dumps(first)}\n\n"
     try:
@@ -290,8 +297,10 @@ async def sse(first: dict, rest: AsyncIterator[dict], timeout: float | None) -> 
     except TimeoutError:
         err = APIError(504, f"the request did not finish within its {timeout:g} s timeout",
                        type="timeout_error", code="request_timeout")
+        count_error(model_name, err.status, err.code)
         yield f"data: {json.dumps(err.body())}\n\n"
     except APIError as err:
+        count_error(model_name, err.status, err.code)
         yield f"data: {json.dumps(err.body())}\n\n"
     finally:
         await rest.aclose()

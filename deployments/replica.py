@@ -18,13 +18,15 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments import quiet_logs
 from deployments.detached import call_detached
+from deployments.metrics import replica_metrics
 from serve_app.autoscaling import IN_FLIGHT, ROUTER_QUEUE
 from serve_app.config import AppArgs
 from serve_app.engine.async_engine import OutputChannel
 from serve_app.engine.factory import build_engine
-from serve_app.engine.pacing import PacedReader
 from serve_app.engine.loading import select_device
+from serve_app.engine.pacing import PacedReader
 from serve_app.engine.types import GenerationRequest, coalesce
 
 logger = logging.getLogger("ray.serve")
@@ -41,6 +43,7 @@ class ChannelClosed(RuntimeError):
 @serve.deployment(name="ModelReplica")
 class ModelReplica:
     def __init__(self, args: dict):
+        quiet_logs.install()
         self.args = AppArgs.model_validate(args)
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned us, so "cuda" is exactly those.
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
@@ -119,8 +122,23 @@ class ModelReplica:
             "torch_threads": torch.get_num_threads(),
         }
 
+    def _export_metrics(self) -> None:
+        m = replica_metrics()
+        engine = self.engine.engine
+        m["running"].set(self.engine.num_running)
+        m["waiting"].set(self.engine.num_sequences - self.engine.num_running)
+        m["kv_usage"].set(1 - engine.cache.num_free_blocks / max(1, engine.cache.num_blocks))
+        log = self.engine.step_log
+        for _ in range(len(log)):
+            tokens, rows, seconds = log.popleft()
+            m["step_tokens"].observe(tokens)
+            m["step_rows"].observe(rows)
+            m["step_time"].observe(seconds)
+
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Load for the autoscaling policy, in sequences (see serve_app.autoscaling)."""
+        """Load for the autoscaling policy, in sequences (see serve_app.autoscaling).
+        Serve calls this every `metrics_interval_s`: the metrics are exported on the same beat."""
+        self._export_metrics()
         try:
             lengths = await asyncio.wait_for(self._router.broadcast("queue_length").results_async(), timeout=1.0)
             queued = sum(lengths)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -23,8 +24,9 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
-from deployments import routing_state
+from deployments import quiet_logs, routing_state
 from deployments.detached import broadcast_detached, call_detached
+from deployments.metrics import RequestMetrics, router_metrics
 from deployments.replica import ChannelClosed, ReplicaChannel, stream_via_channel
 from serve_app.admission import AdmissionQueue
 from serve_app.config import AppArgs
@@ -37,6 +39,8 @@ logger = logging.getLogger("ray.serve")
 @serve.deployment(name="Router")
 class Router:
     def __init__(self, replicas: DeploymentHandle, args: dict):
+        quiet_logs.install()
+        self.metrics = router_metrics()
         self.args = AppArgs.model_validate(args)
         # Initializing the handle makes its request router track the running replicas
         # (routing_state.RUNNING_REPLICAS); this process never sends tokens through it.
@@ -57,11 +61,22 @@ class Router:
         """Wait in the queue; return (this router's replica id, lease id, model replica id or
         None = any replica). The lease goes back with `release(lease_id, replica_id=<router>)`;
         a caller that never got the answer sends `abandon(key)` to every router."""
-        lease_id, model_replica = await self.queue.admit(num_sequences, key)
+        started = time.monotonic()
+        self._export_load()
+        try:
+            lease_id, model_replica = await self.queue.admit(num_sequences, key)
+        finally:
+            self._export_load()
+        self.metrics["queue_time"].observe(time.monotonic() - started)
         return self.replica_id, lease_id, model_replica
 
     def release(self, lease_id: int | str, replica_id: str | None = None) -> None:
         self.queue.release(lease_id)
+        self._export_load()
+
+    def _export_load(self) -> None:
+        self.metrics["queue_length"].set(self.queue.queue_length)
+        self.metrics["in_flight"].set(self.queue.in_flight)
 
     def abandon(self, key: str) -> None:
         self.queue.abandon(key)
@@ -102,7 +117,9 @@ class RoutedBackend:
     router died) is retried once; later failures become 503 + Retry-After.
     """
 
-    def __init__(self, router: DeploymentHandle, replicas: DeploymentHandle, retry_after_s: int = 1):
+    def __init__(self, router: DeploymentHandle, replicas: DeploymentHandle, retry_after_s: int = 1,
+                 model_name: str = ""):
+        self.model_name = model_name
         self._router = router
         self._replicas = replicas
         self._streaming = replicas.options(stream=True)
@@ -111,12 +128,14 @@ class RoutedBackend:
 
     async def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
         """Yield lists of outputs (one message per replica step) until every request has finished."""
+        recorded = RequestMetrics(self.model_name)
         for attempt in (1, 2):
             produced = False
             try:
                 async with aclosing(self._stream_once(requests)) as stream:
                     async for outputs in stream:
                         produced = True
+                        recorded.observe(outputs)
                         yield outputs
                 return
             except APIError:

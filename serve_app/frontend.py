@@ -19,9 +19,23 @@ from pydantic import BaseModel, ValidationError
 from serve_app.config import AppArgs
 from serve_app.engine.types import GenerationRequest, SamplingParams, SequenceOutput
 from serve_app.protocol import (
-    APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
-    GenerateRequest, ModelCard, ModelList, Usage, new_id, now,
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+    new_id,
+    now,
 )
 
 

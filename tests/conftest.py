@@ -63,12 +63,25 @@ def ray_cluster():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    global METRICS_PORT
+    METRICS_PORT = free_port()
+    # Metrics every second (Ray's default is 10 s), so metric tests wait little.
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=METRICS_PORT, _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+
+
+METRICS_PORT = 0
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_cluster) -> str:
+    """Ray's Prometheus endpoint on this node (what a Prometheus server would scrape)."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 
 import asyncio
 
-from bench.loadgen import Workload, run_load
 from bench.cpu import CpuMeter
+from bench.loadgen import Workload, run_load
 from bench.report import chart, cpu_table, markdown_table
 from tests.conftest import TINY
 

@@ -17,8 +17,8 @@ from ray import serve
 from serve_app.app import build_app
 from serve_app.config import AppArgs
 from serve_app.engine.detokenizer import IncrementalDetokenizer
-from serve_app.security import check_api_key, host_allowed, load_api_keys
 from serve_app.protocol import APIError
+from serve_app.security import check_api_key, host_allowed, load_api_keys
 from tests.conftest import APP_ARGS, TINY
 
 COMP = "/v1/completions"

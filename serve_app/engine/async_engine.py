@@ -8,6 +8,7 @@ group as one list: one message per step per group, whatever the batch size.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -48,6 +49,9 @@ class AsyncEngine:
         self.steps = 0
         self.step_seconds = 0.0  # wall time inside engine steps, summed (stats: mean step time)
         self.step_tokens = 0  # tokens those steps computed (decode rows + prompt chunks)
+        # (tokens, rows, seconds) of recent steps, appended here and drained by whoever exports
+        # metrics (deque appends and pops are thread-safe); bounded if nobody drains.
+        self.step_log: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=10_000)
         # OpenMP's thread count is per thread: a new thread starts from OMP_NUM_THREADS
         # (Ray sets it to the actor's num_cpus), not from torch.set_num_threads on the
         # creating thread. Measured: 1.8x slower matmuls until the worker sets it itself.
@@ -113,8 +117,10 @@ class AsyncEngine:
             try:
                 started = time.perf_counter()
                 outputs = self.engine.step()
-                self.step_seconds += time.perf_counter() - started
+                seconds = time.perf_counter() - started
+                self.step_seconds += seconds
                 self.step_tokens += self.engine.last_step_tokens
+                self.step_log.append((self.engine.last_step_tokens, self.engine.last_step_rows, seconds))
             except Exception as e:  # never leave a caller hanging on a failed step
                 logger.exception("engine step failed; failing the sequences in flight")
                 outputs = self.engine.abort_all(f"generation failed: {type(e).__name__}: {e}")

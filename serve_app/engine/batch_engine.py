@@ -9,15 +9,18 @@ retires finished or cancelled sequences (their KV blocks return at once).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import logging
+from collections.abc import Iterable
 
 import torch
 
 from serve_app.engine.kv_cache import PagedKVCache
 from serve_app.engine.paged_attention import (
-    ATTENTION_NAME, StepLayout, decode_group, group_by_length, prefill_chunk,
+    ATTENTION_NAME,
+    StepLayout,
+    decode_group,
+    group_by_length,
+    prefill_chunk,
 )
 from serve_app.engine.sampling import sample_next_tokens
 from serve_app.engine.scheduler import ScheduledStep, Scheduler
@@ -46,7 +49,8 @@ class BatchEngine:
             model.config, kv_cache_tokens or max_model_len * 2, block_size, model.dtype, self.device)
         self.scheduler = Scheduler(self.cache, max_batch_size, max_num_batched_tokens or max(256, max_batch_size))
         self._cancelled: set[str] = set()
-        self.last_step_tokens = 0
+        self.last_step_tokens = 0  # tokens computed by the last step (decode rows + prompt chunk tokens)
+        self.last_step_rows = 0  # sequences in the last step
         self.num_cancelled = 0  # sequences cancelled so far (for stats)
 
     # ------------------------------------------------------------ public
@@ -84,6 +88,7 @@ class BatchEngine:
         try:
             plan = self.scheduler.schedule()
             self.last_step_tokens = plan.num_tokens
+            self.last_step_rows = len(plan.decodes) + len(plan.prefills)
             if not plan:
                 return outputs
             sampled, logits = self._forward(plan)

@@ -7,7 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
 GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM
 
 
