@@ -121,14 +121,15 @@ class OpenAIFrontend:
     def prepare_completion(self, body: Any) -> Prepared:
         req = parse_body(CompletionRequest, body)
         self._check_common(req)
-        if len(req.prompts) > self.args.max_prompts_per_request:
-            raise APIError(400, f"'prompt' is a list of {len(req.prompts)} prompts; this server accepts at most "
-                                f"{self.args.max_prompts_per_request} per request", param="prompt",
-                           code="too_many_prompts")
+        if len(req.prompts) * req.n > self.args.max_prompts_per_request:
+            raise APIError(400, f"{len(req.prompts)} prompts x n={req.n} is {len(req.prompts) * req.n} sequences; "
+                                f"this server accepts at most {self.args.max_prompts_per_request} per request",
+                           param="prompt" if req.n == 1 else "n", code="too_many_prompts")
         rid = new_id("cmpl")
         ids = [self._encode(p, "prompt") for p in req.prompts]
-        return Prepared(req, [self._engine_request(f"{rid}-{i}", t, req, req.max_tokens)
-                              for i, t in enumerate(ids)], rid)
+        # Choice index i * n + j: prompt i, sample j (OpenAI's order).
+        return Prepared(req, [self._engine_request(f"{rid}-{i * req.n + j}", t, req, req.max_tokens, j, req.logprobs)
+                              for i, t in enumerate(ids) for j in range(req.n)], rid)
 
     def prepare_chat(self, body: Any) -> Prepared:
         req = parse_body(ChatCompletionRequest, body)
@@ -139,10 +140,17 @@ class OpenAIFrontend:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"model {self.args.model_name!r} has no chat template; use /v1/completions",
                            param="messages", code="no_chat_template")
+        if req.n > self.args.max_prompts_per_request:
+            raise APIError(400, f"n={req.n}: this server generates at most {self.args.max_prompts_per_request} "
+                                "choices per request", param="n", code="too_many_prompts")
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
         ids = encode_chat(self.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
         self._check_prompt_length(ids, "messages")
         rid = new_id("chatcmpl")
-        return Prepared(req, [self._engine_request(rid, ids, req, req.requested_max_tokens)], rid)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return Prepared(req, [self._engine_request(f"{rid}-{j}", ids, req, req.requested_max_tokens, j, logprobs)
+                              for j in range(req.n)], rid)
 
     def prepare_generate(self, body: Any) -> GenerationRequest:
         req = parse_body(GenerateRequest, body)
@@ -184,15 +192,29 @@ class OpenAIFrontend:
         self._check_prompt_length(ids, param)
         return ids
 
-    def _engine_request(self, rid: str, ids: list[int], req, max_tokens: int | None) -> GenerationRequest:
+    def _engine_request(self, rid: str, ids: list[int], req, max_tokens: int | None, choice: int = 0,
+                        logprobs: int | None = None) -> GenerationRequest:
         room = self.max_model_len - len(ids)
         if max_tokens is None:
             max_tokens = max(1, min(self.args.max_tokens_default, room))
+        if req.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({req.min_tokens}) is more than max_tokens ({max_tokens})",
+                           param="min_tokens")
+        vocab = len(self.tokenizer)
         # top_k at or past the vocabulary keeps every token: the same as off.
-        top_k = req.top_k if req.top_k < len(self.tokenizer) else 0
+        top_k = req.top_k if req.top_k < vocab else 0
+        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+        if any(k >= vocab for k in bias):
+            raise APIError(400, f"logit_bias names a token id outside the vocabulary (0..{vocab - 1})",
+                           param="logit_bias", code="invalid_value")
+        # Choice j of a seeded request: its own stream of the same seed, so n choices differ
+        # and each replays exactly.
+        seed = None if req.seed is None else (req.seed + choice) % 2**64
         params = SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=top_k,
-            stop=tuple(req.stop), seed=req.seed, ignore_eos=req.ignore_eos,
+            stop=tuple(req.stop), seed=seed, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty, logit_bias=bias or None, logprobs=logprobs,
         )
         return self._make_request(rid, ids, params, "max_tokens")
 
@@ -223,19 +245,51 @@ class OpenAIFrontend:
         outs = await self._run_to_end(prepared.requests)
         return CompletionResponse(
             id=prepared.response_id, created=now(), model=self.args.model_name,
-            choices=[CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason)
+            choices=[CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason,
+                                      logprobs=self._completion_logprobs(o))
                      for i, o in enumerate(outs)],
             usage=total_usage(outs),
         ).model_dump()
 
     async def chat(self, prepared: Prepared) -> dict:
-        (out,) = await self._run_to_end(prepared.requests)
+        outs = await self._run_to_end(prepared.requests)
         return ChatCompletionResponse(
             id=prepared.response_id, created=now(), model=self.args.model_name,
-            choices=[ChatChoice(index=0, message=AssistantMessage(content=out.text),
-                                finish_reason=out.finish_reason)],
-            usage=total_usage([out]),
+            choices=[ChatChoice(index=i, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason,
+                                logprobs=self._chat_logprobs(o))
+                     for i, o in enumerate(outs)],
+            usage=total_usage(outs),
         ).model_dump()
+
+    # ------------------------------------------------------------ logprobs
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _chat_logprobs(self, out: SequenceOutput) -> dict | None:
+        """OpenAI chat form: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+        if out.logprobs is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self._token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
+                            for t, (lp, top) in zip(out.token_ids, out.logprobs)]}
+
+    def _completion_logprobs(self, out: SequenceOutput, offset: int = 0) -> dict | None:
+        """OpenAI completions form: tokens, token_logprobs, top_logprobs, text_offset."""
+        if out.logprobs is None:
+            return None
+        tokens = [self._token_text(t) for t in out.token_ids]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in out.logprobs],
+                "top_logprobs": [{self._token_text(a): alp for a, alp in top} for _, top in out.logprobs],
+                "text_offset": offsets}
 
     async def generate(self, request: GenerationRequest) -> dict:
         (out,) = await self._run_to_end([request])
@@ -245,17 +299,20 @@ class OpenAIFrontend:
     async def completion_chunks(self, prepared: Prepared) -> AsyncIterator[dict]:
         """OpenAI `text_completion` chunks, one per output delta, then usage if asked."""
         finals: dict[int, SequenceOutput] = {}
+        offsets: dict[int, int] = {}
         async with aclosing(indexed_outputs(self.backend, prepared.requests)) as outputs:
             async for index, out in outputs:
                 raise_if_failed(out)
-                if not out.text and not out.finished:
+                if not out.text and not out.finished and out.logprobs is None:
                     continue
                 if out.finished:
                     finals[index] = out
+                logprobs = self._completion_logprobs(out, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + len(out.text)
                 yield {"id": prepared.response_id, "object": "text_completion", "created": now(),
                        "model": self.args.model_name,
                        "choices": [{"index": index, "text": out.text, "finish_reason": out.finish_reason,
-                                    "logprobs": None}]}
+                                    "logprobs": logprobs}]}
         if _include_usage(prepared.body):
             yield {"id": prepared.response_id, "object": "text_completion", "created": now(),
                    "model": self.args.model_name, "choices": [],
@@ -263,28 +320,30 @@ class OpenAIFrontend:
 
     async def chat_chunks(self, prepared: Prepared) -> AsyncIterator[dict]:
         """OpenAI `chat.completion.chunk`s: a role chunk, content deltas, a finish chunk, usage if asked."""
-        def chunk(delta: ChatDelta, finish=None, usage=None, choices=True) -> dict:
+        def chunk(delta: ChatDelta, index=0, finish=None, usage=None, choices=True, logprobs=None) -> dict:
             return ChatCompletionChunk(
                 id=prepared.response_id, created=now(), model=self.args.model_name,
-                choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=finish)] if choices else [],
+                choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)]
+                if choices else [],
                 usage=usage,
             ).model_dump(exclude_none=True)
 
-        # Wait for the first output before the role chunk: a full queue must still be able
+        # Wait for the first output before the role chunks: a full queue must still be able
         # to answer with an HTTP 429, which is impossible once a chunk has been sent.
-        final = None
+        finals: dict[int, SequenceOutput] = {}
         async with aclosing(indexed_outputs(self.backend, prepared.requests)) as outputs:
             first = await anext(outputs, None)
-            yield chunk(ChatDelta(role="assistant", content=""))
-            async for _, out in _prepend(first, outputs):
+            for index in range(len(prepared.requests)):
+                yield chunk(ChatDelta(role="assistant", content=""), index)
+            async for index, out in _prepend(first, outputs):
                 raise_if_failed(out)
-                if out.text:
-                    yield chunk(ChatDelta(content=out.text))
+                if out.text or out.logprobs:
+                    yield chunk(ChatDelta(content=out.text), index, logprobs=self._chat_logprobs(out))
                 if out.finished:
-                    final = out
-                    yield chunk(ChatDelta(), finish=out.finish_reason)
-        if _include_usage(prepared.body) and final is not None:
-            yield chunk(ChatDelta(), usage=total_usage([final]), choices=False)
+                    finals[index] = out
+                    yield chunk(ChatDelta(), index, finish=out.finish_reason)
+        if _include_usage(prepared.body) and finals:
+            yield chunk(ChatDelta(), usage=total_usage(list(finals.values())), choices=False)
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:

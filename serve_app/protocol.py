@@ -55,20 +55,13 @@ def queue_full(message: str, retry_after: int) -> APIError:
 
 # Fields of OpenAI's API we accept but cannot honour except at their default.
 _UNSUPPORTED_UNLESS_DEFAULT: dict[str, Any] = {
-    "n": 1,
-    "best_of": 1,
     "echo": False,
-    "logprobs": None,
-    "top_logprobs": None,
-    "logit_bias": None,
     "suffix": None,
     "tools": None,
     "tool_choice": None,
     "functions": None,
     "function_call": None,
     "response_format": None,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
     "parallel_tool_calls": None,
 }
 
@@ -94,14 +87,23 @@ class _GenerationFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="Extension (vLLM): generate exactly max_tokens.")
-    # Accepted for compatibility; anything but the default is rejected by `check_supported`.
-    n: int = 1
-    best_of: int | None = None
-    logprobs: Any = None
-    top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    n: int = Field(1, ge=1, le=128, description="Choices per prompt, each its own sequence.")
+    best_of: int | None = Field(None, description="Accepted only equal to n (no server-side ranking).")
+    min_tokens: int = Field(0, ge=0, description="Extension (vLLM): no EOS before this many tokens.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Extension (vLLM/HF).")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id -> bias in [-100, 100].")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys are token ids; got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values lie in [-100, 100]; got {bias}")
+        return v
 
     @field_validator("max_tokens")
     @classmethod
@@ -128,12 +130,16 @@ class _GenerationFields(BaseModel):
                                param=name, code="unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "'best_of' is supported only equal to 'n' (no server-side ranking)", param="best_of",
+                           code="unsupported_parameter")
 
 
 class CompletionRequest(_GenerationFields):
     prompt: str | list[str]
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=20, description="Top tokens to report per token, with the chosen one.")
 
     @field_validator("prompt")
     @classmethod
@@ -171,6 +177,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -234,7 +242,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: dict | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -255,7 +263,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: dict | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -276,7 +284,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: dict | None = None
 
 
 class ChatCompletionChunk(BaseModel):

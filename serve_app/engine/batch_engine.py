@@ -22,7 +22,7 @@ from serve_app.engine.paged_attention import (
     group_by_length,
     prefill_chunk,
 )
-from serve_app.engine.sampling import sample_next_tokens
+from serve_app.engine.sampling import process_logits, sample_next_tokens, token_logprobs
 from serve_app.engine.scheduler import ScheduledStep, Scheduler
 from serve_app.engine.sequence import Sequence
 from serve_app.engine.types import GenerationRequest, SequenceOutput
@@ -160,11 +160,24 @@ class BatchEngine:
         """Sample one token per sequence, update text and finish state, retire finished ones."""
         if not seqs:
             return []
-        tokens = sample_next_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        params = [s.params for s in seqs]
+        raw = logits
+        if any(p.processes_logits for p in params):
+            logits = process_logits(logits.float().clone(), params, [(s.prompt_ids, s.output_ids) for s in seqs],
+                                    self.eos_token_ids)
+        tokens = sample_next_tokens(logits, params, [s.generator for s in seqs])
+        logprobs: dict[int, tuple] = {}
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None and isinstance(tokens[i], int)]
+        if rows:
+            found = token_logprobs(raw[rows], [tokens[i] for i in rows], [params[i].logprobs for i in rows])
+            logprobs = dict(zip(rows, found))
         outputs = []
-        for seq, token in zip(seqs, tokens):
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
             try:
-                outputs.append(self._advance_one(seq, token))
+                out = self._advance_one(seq, token)
+                if i in logprobs:
+                    out.logprobs = [logprobs[i]]
+                outputs.append(out)
             except Exception as e:  # this sequence only: the others in the batch go on
                 logger.exception("sequence %s failed", seq.request_id)
                 seq.finish_reason = "error"

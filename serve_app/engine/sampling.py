@@ -65,3 +65,47 @@ def sample_next_tokens(
         except RuntimeError as e:  # NaN/inf in this row's distribution: this row fails, not the batch
             tokens[i] = e
     return tokens
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[tuple[list[int], list[int]]],
+    eos_token_ids: Sequence[int],
+) -> torch.Tensor:
+    """Apply each row's penalties, logit bias and min_tokens (in place; rows that ask for
+    none are untouched). `histories[i]` = (prompt ids, output ids) of row i."""
+    device = logits.device
+    for i, p in enumerate(params):
+        if not p.processes_logits:
+            continue
+        row = logits[i]
+        prompt_ids, output_ids = histories[i]
+        if p.repetition_penalty != 1.0:  # HF/vLLM: divide positive logits, multiply negative ones
+            ids = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=device, dtype=torch.long)
+            seen = row[ids]
+            row[ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        if output_ids and (p.presence_penalty or p.frequency_penalty):  # OpenAI: output tokens only
+            ids, counts = torch.tensor(output_ids, device=device).unique(return_counts=True)
+            row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=device, dtype=torch.long)
+            row[ids] += torch.tensor(list(p.logit_bias.values()), device=device, dtype=row.dtype)
+        if len(output_ids) < p.min_tokens and eos_token_ids:
+            row[list(eos_token_ids)] = float("-inf")
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]
+                   ) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row: the log-probability of its chosen token and its `top[i]` most likely tokens,
+    under the model's own distribution (before penalties and temperature, as vLLM reports)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logits.device).unsqueeze(1)).squeeze(1).tolist()
+    k = max(top, default=0)
+    top_values, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+    out = []
+    for i, n in enumerate(top):
+        alternatives = list(zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist())) if n else []
+        out.append((chosen[i], alternatives))
+    return out

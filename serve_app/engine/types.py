@@ -22,6 +22,18 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = ()
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator accepts
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)  # EOS is impossible before this many tokens
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI: per token present in the output
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI: per occurrence in the output
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # HF/vLLM: prompt and output tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logprobs: int | None = Field(None, ge=0, le=20)  # the chosen token's logprob and this many top ones
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything changes this row's logits before sampling."""
+        return bool(self.min_tokens or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -53,6 +65,8 @@ class SequenceOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # Per token of token_ids when asked: (logprob of the chosen token, [(token id, logprob) of the top ones])
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -66,6 +80,8 @@ class SequenceOutput:
         self.prompt_tokens = later.prompt_tokens
         self.completion_tokens = later.completion_tokens
         self.error = later.error
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
 
 
 def coalesce(outputs: list[SequenceOutput]) -> list[SequenceOutput]:
@@ -77,5 +93,6 @@ def coalesce(outputs: list[SequenceOutput]) -> list[SequenceOutput]:
         else:
             merged[out.request_id] = SequenceOutput(
                 out.request_id, out.text, list(out.token_ids), out.finish_reason,
-                out.prompt_tokens, out.completion_tokens, out.error)
+                out.prompt_tokens, out.completion_tokens, out.error,
+                list(out.logprobs) if out.logprobs is not None else None)
     return list(merged.values())
