@@ -167,6 +167,7 @@ def main() -> None:
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--no-metrics", action="store_true", help="serve with metrics: false (measures their cost)")
     p.add_argument("--with-transformers-serve", action="store_true",
                    help="also run the transformers-serve peer on the natural-stop scenarios")
     a = p.parse_args()
@@ -177,6 +178,8 @@ def main() -> None:
                    "torch_threads": a.torch_threads, "num_cpus": 1, "num_gpus": 0}
     if a.max_num_batched_tokens:
         server_args["max_num_batched_tokens"] = a.max_num_batched_tokens
+    if a.no_metrics:
+        server_args["metrics"] = False
     print(f"benchmark: {a.model}, server args {server_args}", flush=True)
     offline = offline_limit(a.model, Workload(128, 128), 32, 32, a.torch_threads)
     runs = run_serve_app(a.model, free_port(), server_args, scenarios)

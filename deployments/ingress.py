@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from deployments import quiet_logs
+from deployments import metrics, quiet_logs
 from deployments.metrics import count_error
 from deployments.router import RoutedBackend, sum_router_stats
 from serve_app.config import AppArgs
@@ -39,6 +39,7 @@ class Ingress:
     def __init__(self, router: DeploymentHandle, replicas: DeploymentHandle, args: dict):
         quiet_logs.install()
         self.args = AppArgs.model_validate(args)
+        metrics.set_enabled(self.args.metrics)
         self.api_keys = load_api_keys(self.args)
         tokenizer, self.max_model_len = serving_limits(self.args)
         self.router = router

@@ -21,9 +21,33 @@ TOKEN_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 MODEL = ("model_name",)
 
 
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn this process's metrics on or off (config `metrics`); call before recording any."""
+    global _enabled
+    _enabled = enabled
+
+
+class _Off:
+    """Stands in for every metric when metrics are off."""
+
+    def observe(self, *args, **kwargs) -> None: ...
+    def inc(self, *args, **kwargs) -> None: ...
+    def set(self, *args, **kwargs) -> None: ...
+
+
+class _AllOff(dict):
+    def __missing__(self, name: str) -> _Off:
+        return _Off()
+
+
 @functools.cache
 def ingress_metrics():
     """Per request, where a request begins and ends (the ingress)."""
+    if not _enabled:
+        return _AllOff()
     return {
         "ttft": metrics.Histogram("vllm_time_to_first_token_seconds", "Time to first token (from the ingress).",
                                   LATENCY_BUCKETS, tag_keys=MODEL),
@@ -44,6 +68,8 @@ def ingress_metrics():
 
 @functools.cache
 def router_metrics():
+    if not _enabled:
+        return _AllOff()
     return {
         "queue_time": metrics.Histogram("vllm_request_queue_time_seconds", "Time a request waited for admission.",
                                         LATENCY_BUCKETS),
@@ -54,6 +80,8 @@ def router_metrics():
 
 @functools.cache
 def replica_metrics():
+    if not _enabled:
+        return _AllOff()
     return {
         "running": metrics.Gauge("vllm_num_requests_running", "Sequences in the engine's running batch."),
         "waiting": metrics.Gauge("vllm_num_requests_waiting", "Sequences in the engine waiting for KV blocks."),

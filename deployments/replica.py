@@ -18,7 +18,7 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments import quiet_logs
+from deployments import metrics, quiet_logs
 from deployments.detached import call_detached
 from deployments.metrics import replica_metrics
 from serve_app.autoscaling import IN_FLIGHT, ROUTER_QUEUE
@@ -45,6 +45,7 @@ class ModelReplica:
     def __init__(self, args: dict):
         quiet_logs.install()
         self.args = AppArgs.model_validate(args)
+        metrics.set_enabled(self.args.metrics)
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned us, so "cuda" is exactly those.
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.device = select_device(self.args.device)

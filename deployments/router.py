@@ -24,7 +24,7 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
-from deployments import quiet_logs, routing_state
+from deployments import metrics, quiet_logs, routing_state
 from deployments.detached import broadcast_detached, call_detached
 from deployments.metrics import RequestMetrics, router_metrics
 from deployments.replica import ChannelClosed, ReplicaChannel, stream_via_channel
@@ -40,8 +40,9 @@ logger = logging.getLogger("ray.serve")
 class Router:
     def __init__(self, replicas: DeploymentHandle, args: dict):
         quiet_logs.install()
-        self.metrics = router_metrics()
         self.args = AppArgs.model_validate(args)
+        metrics.set_enabled(self.args.metrics)
+        self.metrics = router_metrics()
         # Initializing the handle makes its request router track the running replicas
         # (routing_state.RUNNING_REPLICAS); this process never sends tokens through it.
         self._replicas = replicas.options()

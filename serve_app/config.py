@@ -131,6 +131,9 @@ class AppArgs(BaseModel):
     body_read_timeout_s: float = Field(
         30.0, gt=0, description="Deadline for receiving a request body; a slower client gets 408.")
 
+    # Operations
+    metrics: bool = Field(True, description="Export Prometheus metrics through Ray (README 'Operations').")
+
     # Security
     api_key: str | list[str] | None = Field(
         None, description="Accepted keys: clients send `Authorization: Bearer <key>`. Also read from the "

@@ -2,15 +2,17 @@
 the server little; the requests around it are served as usual."""
 
 import concurrent.futures as cf
+import glob
 import http.client
 import json
+import os
 import socket
 import time
 from urllib.parse import urlparse
 
 import pytest
 import requests
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
 
@@ -263,3 +265,40 @@ def test_held_back_stop_prefix_matches_brute_force(text, stops):
     detok = IncrementalDetokenizer(_CharTokenizer(), stops)
     detok.text = text
     assert detok._held_back() == _held_back_brute(text, stops)
+
+
+header_names = st.sampled_from(["X-Request-Timeout", "Content-Type", "Content-Length", "Authorization", "Host",
+                                "Accept", "Transfer-Encoding", "X-Request-Id", "Connection", "Range",
+                                "Content-Encoding", "Expect"]) | st.from_regex(r"X-[A-Za-z]{1,12}", fullmatch=True)
+header_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=40)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(headers=st.dictionaries(header_names, header_values, max_size=4))
+def test_fuzzed_headers_never_get_a_5xx(server, headers):
+    body = json.dumps({"model": TINY, "prompt": "hi", "max_tokens": 2}).encode()
+    try:
+        r = requests.post(f"{server}{COMP}", data=body, headers={**JSON, **headers}, timeout=30)
+    except requests.RequestException:
+        return  # the client library or the HTTP server refused to send/parse it: nothing reached us
+    assert r.status_code < 500, (headers, r.status_code, r.text)
+
+
+def test_fuzzing_left_the_server_serving(server):
+    still_serves(server)
+
+
+def test_no_key_and_no_prompt_in_any_log(guarded):
+    marker = f"secret-prompt-{time.time_ns()}"
+    for key in ("sk-one", "sk-wrong-key-123"):
+        requests.post(f"{guarded}{COMP}", json={"model": TINY, "prompt": marker, "max_tokens": 2},
+                      headers=auth(key), timeout=60)
+    requests.post(f"{guarded}{COMP}", json={"model": TINY, "prompt": marker, "top_p": 9}, headers=auth("sk-one"),
+                  timeout=60)  # a rejected one too
+    time.sleep(1)
+    logs = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp/ray"), "session_latest", "logs")
+    for path in glob.glob(f"{logs}/**/*", recursive=True):
+        if os.path.isfile(path):
+            text = open(path, errors="replace").read()
+            for secret in (marker, "sk-one", "sk-two", "sk-from-file", "sk-wrong-key-123"):
+                assert secret not in text, (secret, path)
