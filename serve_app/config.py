@@ -91,6 +91,11 @@ class AppArgs(BaseModel):
         "prefills prompts in chunks (default: 256 on CPU, 2048 on GPU; at least max_batch_size). "
         "Smaller keeps streams flowing while long prompts arrive; larger prefills faster.",
     )
+    step_time_target_s: float | None = Field(
+        None, gt=0, description="Steps longer than this silence every stream that long: when set, the engine "
+        "shrinks the next step's token budget in proportion after a step overran it (down to decode rows + 16 "
+        "prompt tokens) and grows it back by a quarter per step that did not. Default: a fixed budget.",
+    )
     kv_cache_tokens: int | None = Field(
         None, ge=16, description="Tokens the paged KV cache of a replica holds (default: enough for "
         "max_batch_size sequences of 1024 tokens, and at least one of max_model_len). A sequence is admitted "

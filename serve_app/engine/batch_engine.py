@@ -10,6 +10,7 @@ retires finished or cancelled sequences (their KV blocks return at once).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import torch
@@ -23,7 +24,7 @@ from serve_app.engine.paged_attention import (
     prefill_chunk,
 )
 from serve_app.engine.sampling import process_logits, sample_next_tokens, token_logprobs
-from serve_app.engine.scheduler import ScheduledStep, Scheduler
+from serve_app.engine.scheduler import MIN_PREFILL, ScheduledStep, Scheduler
 from serve_app.engine.sequence import Sequence
 from serve_app.engine.types import GenerationRequest, SequenceOutput
 
@@ -37,6 +38,7 @@ class BatchEngine:
 
     def __init__(self, model, tokenizer, eos_token_ids: Iterable[int], max_batch_size: int, max_model_len: int,
                  *, kv_cache_tokens: int | None = None, max_num_batched_tokens: int | None = None,
+                 step_time_target_s: float | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE):
         self.model = model
         self.tokenizer = tokenizer
@@ -48,6 +50,10 @@ class BatchEngine:
         self.cache = PagedKVCache.for_model(
             model.config, kv_cache_tokens or max_model_len * 2, block_size, model.dtype, self.device)
         self.scheduler = Scheduler(self.cache, max_batch_size, max_num_batched_tokens or max(256, max_batch_size))
+        # Steps longer than this silence every stream that long: the token budget shrinks
+        # (down to the decode rows + MIN_PREFILL) while steps cost more per token, e.g. when
+        # prompt chunks attend to thousands of past tokens on a slow CPU, and grows back after.
+        self.step_time_target_s = step_time_target_s
         self._cancelled: set[str] = set()
         self.last_step_tokens = 0  # tokens computed by the last step (decode rows + prompt chunk tokens)
         self.last_step_rows = 0  # sequences in the last step
@@ -85,6 +91,7 @@ class BatchEngine:
     def step(self) -> list[SequenceOutput]:
         """Run one scheduled step; return what changed (new text, finished sequences)."""
         outputs = self._drop_cancelled()
+        started = time.perf_counter()
         try:
             plan = self.scheduler.schedule()
             self.last_step_tokens = plan.num_tokens
@@ -95,7 +102,22 @@ class BatchEngine:
         except Exception as e:  # e.g. out of memory: the step is lost for every sequence in it
             logger.exception("engine step failed; failing every sequence it holds")
             return outputs + self.abort_all(f"generation failed: {type(e).__name__}: {e}")
-        return outputs + self._advance(sampled, logits)
+        outputs += self._advance(sampled, logits)
+        self._adapt_budget(time.perf_counter() - started, plan.num_tokens)
+        return outputs
+
+    def _adapt_budget(self, seconds: float, tokens: int) -> None:
+        """Shrink the next step's budget in proportion when a step overran the target; grow it
+        back by a quarter per step that did not. (Cost per token is no guide: decode rows cost
+        far more than prompt tokens, so a per-token model starved prefill at high concurrency.)"""
+        if self.step_time_target_s is None or not tokens:
+            return
+        sched = self.scheduler
+        if seconds > self.step_time_target_s:
+            budget = int(min(sched.token_budget, tokens) * self.step_time_target_s / seconds)
+        else:
+            budget = int(sched.token_budget * 1.25) + 1
+        sched.token_budget = max(MIN_PREFILL, min(budget, sched.max_num_batched_tokens))
 
     def abort_all(self, error: str) -> list[SequenceOutput]:
         """Fail every sequence (after an unrecoverable error) and return their blocks."""

@@ -34,6 +34,7 @@ def build_engine(args: AppArgs, device: torch.device) -> AsyncEngine:
             max_batch_size=args.max_batch_size, max_model_len=max_model_len,
             kv_cache_tokens=args.kv_tokens(max_model_len),
             max_num_batched_tokens=args.step_token_budget(device.type),
+            step_time_target_s=args.step_time_target_s,
         )
 
     return AsyncEngine(build, stream_interval_s=args.stream_interval_s)

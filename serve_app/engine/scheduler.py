@@ -18,6 +18,9 @@ from serve_app.engine.kv_cache import PagedKVCache
 from serve_app.engine.sequence import Sequence
 
 
+MIN_PREFILL = 16  # prompt tokens a step may always take, however long steps run
+
+
 @dataclass
 class ScheduledStep:
     decodes: list[Sequence] = field(default_factory=list)
@@ -39,6 +42,9 @@ class Scheduler:
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # What this step may use, <= max_num_batched_tokens: the engine lowers it when steps
+        # run long (see BatchEngine.step_time_target_s). Prompts always get MIN_PREFILL tokens.
+        self.token_budget = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: holds KV blocks, prefilling or decoding
 
@@ -54,7 +60,8 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(decodes=[s for s in self.running if s.prefilled])
-        budget = self.max_num_batched_tokens - len(step.decodes)
+        limit = min(self.max_num_batched_tokens, max(self.token_budget, len(step.decodes) + MIN_PREFILL))
+        budget = max(0, limit - len(step.decodes))
         for seq in self.running:
             if budget == 0:
                 return step
