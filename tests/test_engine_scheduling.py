@@ -151,3 +151,22 @@ def test_fragmented_cache_reads_through_block_gathers_with_the_same_tokens(tiny_
     engine.step()
     assert all(cache.first_slot(s.request_id) is None for s in engine.running)  # really scattered
     run(engine, [])
+
+
+def test_an_overrunning_step_shrinks_the_next_budget_and_it_grows_back(tiny_engine_factory):
+    engine = tiny_engine_factory(max_batch_size=4, max_num_batched_tokens=256, step_time_target_s=0.5)
+    sched = engine.scheduler
+    engine._adapt_budget(1.0, 256)  # twice the target: half the tokens
+    assert sched.token_budget == 128
+    engine._adapt_budget(10.0, 128)  # far over: never below MIN_PREFILL
+    assert sched.token_budget == 16
+    engine._adapt_budget(0.1, 16)
+    assert sched.token_budget == 21  # back up by a quarter per step within the target
+    for _ in range(30):
+        engine._adapt_budget(0.1, 16)
+    assert sched.token_budget == 256  # capped at max_num_batched_tokens
+    sched.token_budget = 20
+    engine.add(GenerationRequest(request_id="long", prompt_token_ids=list(range(5, 205)),
+                                 params=SamplingParams(max_tokens=2, temperature=0)))
+    plan = sched.schedule()
+    assert [n for _, n in plan.prefills] == [20]  # the step takes what the budget allows
