@@ -295,12 +295,10 @@ async def sse(first: dict, rest: AsyncIterator[dict], timeout: float | None, mod
         async with asyncio.timeout(timeout):
             async for chunk in rest:
                 yield f"data: {json.dumps(chunk)}\n\n"
-    except TimeoutError:
-        err = APIError(504, f"the request did not finish within its {timeout:g} s timeout",
-                       type="timeout_error", code="request_timeout")
-        count_error(model_name, err.status, err.code)
-        yield f"data: {json.dumps(err.body())}\n\n"
-    except APIError as err:
+    except (TimeoutError, APIError) as e:
+        err = e if isinstance(e, APIError) else APIError(
+            504, f"the request did not finish within its {timeout:g} s timeout", type="timeout_error",
+            code="request_timeout")
         count_error(model_name, err.status, err.code)
         yield f"data: {json.dumps(err.body())}\n\n"
     finally:

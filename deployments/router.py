@@ -63,7 +63,6 @@ class Router:
         None = any replica). The lease goes back with `release(lease_id, replica_id=<router>)`;
         a caller that never got the answer sends `abandon(key)` to every router."""
         started = time.monotonic()
-        self._export_load()
         try:
             lease_id, model_replica = await self.queue.admit(num_sequences, key)
         finally:
@@ -87,6 +86,9 @@ class Router:
         return len(routing_state.RUNNING_REPLICAS)
 
     def queue_length(self) -> int:
+        # Every model replica asks each second: the beat that keeps the gauges current while
+        # requests wait (admit and release refresh them too).
+        self._export_load()
         return self.queue.queue_length
 
     def stats(self) -> dict:

@@ -19,23 +19,9 @@ from pydantic import BaseModel, ValidationError
 from serve_app.config import AppArgs
 from serve_app.engine.types import GenerationRequest, SamplingParams, SequenceOutput
 from serve_app.protocol import (
-    APIError,
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatDelta,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    GenerateRequest,
-    ModelCard,
-    ModelList,
-    Usage,
-    new_id,
-    now,
+    APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
+    GenerateRequest, ModelCard, ModelList, Usage, new_id, now,
 )
 
 
@@ -121,10 +107,7 @@ class OpenAIFrontend:
     def prepare_completion(self, body: Any) -> Prepared:
         req = parse_body(CompletionRequest, body)
         self._check_common(req)
-        if len(req.prompts) * req.n > self.args.max_prompts_per_request:
-            raise APIError(400, f"{len(req.prompts)} prompts x n={req.n} is {len(req.prompts) * req.n} sequences; "
-                                f"this server accepts at most {self.args.max_prompts_per_request} per request",
-                           param="prompt" if req.n == 1 else "n", code="too_many_prompts")
+        self._check_sequences(len(req.prompts), req.n)
         rid = new_id("cmpl")
         ids = [self._encode(p, "prompt") for p in req.prompts]
         # Choice index i * n + j: prompt i, sample j (OpenAI's order).
@@ -140,9 +123,7 @@ class OpenAIFrontend:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"model {self.args.model_name!r} has no chat template; use /v1/completions",
                            param="messages", code="no_chat_template")
-        if req.n > self.args.max_prompts_per_request:
-            raise APIError(400, f"n={req.n}: this server generates at most {self.args.max_prompts_per_request} "
-                                "choices per request", param="n", code="too_many_prompts")
+        self._check_sequences(None, req.n)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
         ids = encode_chat(self.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
@@ -167,6 +148,18 @@ class OpenAIFrontend:
             if len(s) > self.args.max_stop_chars:
                 raise APIError(400, f"a stop string is {len(s)} characters long; at most "
                                     f"{self.args.max_stop_chars} are allowed", param="stop", code="stop_too_long")
+
+    def _check_sequences(self, prompts: int | None, n: int) -> None:
+        """One request's sequences (prompts x n; a chat has no prompt list) within
+        max_prompts_per_request, or 400 naming what to lower."""
+        limit = self.args.max_prompts_per_request
+        if (prompts or 1) * n <= limit:
+            return
+        if prompts is None:
+            raise APIError(400, f"n={n}: this server generates at most {limit} choices per request", param="n",
+                           code="too_many_prompts")
+        raise APIError(400, f"{prompts} prompts x n={n} is {prompts * n} sequences; this server accepts at most "
+                            f"{limit} per request", param="prompt" if n == 1 else "n", code="too_many_prompts")
 
     @property
     def max_prompt_tokens(self) -> int:

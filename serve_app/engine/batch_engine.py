@@ -17,11 +17,7 @@ import torch
 
 from serve_app.engine.kv_cache import PagedKVCache
 from serve_app.engine.paged_attention import (
-    ATTENTION_NAME,
-    StepLayout,
-    decode_group,
-    group_by_length,
-    prefill_chunk,
+    ATTENTION_NAME, StepLayout, decode_group, group_by_length, prefill_chunk,
 )
 from serve_app.engine.sampling import process_logits, sample_next_tokens, token_logprobs
 from serve_app.engine.scheduler import MIN_PREFILL, ScheduledStep, Scheduler
@@ -30,8 +26,8 @@ from serve_app.engine.types import GenerationRequest, SequenceOutput
 
 DEFAULT_BLOCK_SIZE = 16
 
-
 logger = logging.getLogger(__name__)
+
 
 class BatchEngine:
     """Generates for many sequences at once; not thread-safe (one driver thread)."""
@@ -50,13 +46,15 @@ class BatchEngine:
         self.cache = PagedKVCache.for_model(
             model.config, kv_cache_tokens or max_model_len * 2, block_size, model.dtype, self.device)
         self.scheduler = Scheduler(self.cache, max_batch_size, max_num_batched_tokens or max(256, max_batch_size))
-        # Steps longer than this silence every stream that long: the token budget shrinks
-        # (down to the decode rows + MIN_PREFILL) while steps cost more per token, e.g. when
-        # prompt chunks attend to thousands of past tokens on a slow CPU, and grows back after.
+        # Steps longer than this silence every stream that long: after a step overran it the
+        # token budget shrinks (down to the decode rows + MIN_PREFILL), e.g. while prompt chunks
+        # attend to thousands of past tokens on a slow CPU, and grows back after (_adapt_budget).
         self.step_time_target_s = step_time_target_s
         self._cancelled: set[str] = set()
         self.last_step_tokens = 0  # tokens computed by the last step (decode rows + prompt chunk tokens)
         self.last_step_rows = 0  # sequences in the last step
+        self.last_step_seconds = 0.0  # wall time of the last step
+        self._step_started = 0.0
         self.num_cancelled = 0  # sequences cancelled so far (for stats)
 
     # ------------------------------------------------------------ public
@@ -90,8 +88,14 @@ class BatchEngine:
     @torch.inference_mode()
     def step(self) -> list[SequenceOutput]:
         """Run one scheduled step; return what changed (new text, finished sequences)."""
+        self._step_started = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.last_step_seconds = time.perf_counter() - self._step_started
+
+    def _step(self) -> list[SequenceOutput]:
         outputs = self._drop_cancelled()
-        started = time.perf_counter()
         try:
             plan = self.scheduler.schedule()
             self.last_step_tokens = plan.num_tokens
@@ -103,7 +107,7 @@ class BatchEngine:
             logger.exception("engine step failed; failing every sequence it holds")
             return outputs + self.abort_all(f"generation failed: {type(e).__name__}: {e}")
         outputs += self._advance(sampled, logits)
-        self._adapt_budget(time.perf_counter() - started, plan.num_tokens)
+        self._adapt_budget(time.perf_counter() - self._step_started, plan.num_tokens)
         return outputs
 
     def _adapt_budget(self, seconds: float, tokens: int) -> None:
