@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: install
-	$(VENV)/bin/serve run serve_config.yaml
+	# Ray's own settings for this app (serve_app/ray_env.py), then `serve run`.
+	$(PY) -m serve_app.ray_env $(VENV)/bin/serve run serve_config.yaml
 
 test: install
 	$(PY) -m pytest tests

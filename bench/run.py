@@ -107,8 +107,10 @@ def run_serve_app(model: str, port: int, server_args: dict, scenarios) -> list[d
     import ray
     from ray import serve
 
+    from serve_app import ray_env
     from serve_app.app import build_app
 
+    ray_env.apply()  # what `make serve` runs with
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

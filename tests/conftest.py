@@ -63,6 +63,9 @@ def ray_cluster():
     import ray
     from ray import serve
 
+    from serve_app import ray_env
+
+    ray_env.apply()  # the settings `make serve` runs with
     global METRICS_PORT
     METRICS_PORT = free_port()
     # Metrics every second (Ray's default is 10 s), so metric tests wait little.

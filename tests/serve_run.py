@@ -12,6 +12,8 @@ import pytest
 import requests
 import yaml
 
+from serve_app import ray_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,7 +23,8 @@ def serve_run(config: dict, workdir: Path, base: str, verify=True, timeout_s: fl
     path = workdir / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     serve_bin = Path(sys.executable).with_name("serve")
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own cluster, like a user's first run
+    # Its own cluster, like a user's first run, with the settings `make serve` uses.
+    env = ray_env.apply({**os.environ, "RAY_ADDRESS": "local"})
     proc = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout_s  # a first start converts the GGUF weights once (~30 s)

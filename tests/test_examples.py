@@ -36,3 +36,11 @@ def test_grafana_dashboard_queries_our_metrics():
                    "ray_vllm_request_success_total", "ray_serve_app_request_errors_total",
                    "ray_vllm_kv_cache_usage_perc", "ray_vllm_iteration_tokens_total_bucket"):
         assert metric in exprs, metric
+
+
+def test_rayservice_head_runs_with_our_ray_settings():
+    from serve_app.ray_env import RAY_ENV
+
+    service = yaml.safe_load((ROOT / "examples/kuberay-rayservice.yaml").read_text())
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e["value"] for e in head.get("env", [])} == RAY_ENV
