@@ -1,6 +1,9 @@
 import torch
 
-from serve_app.engine.sampling import filter_logits, make_generator, sample_next_tokens
+import pytest
+
+from serve_app.engine import sampling
+from serve_app.engine.sampling import make_generator, nucleus, sample_next_tokens
 from serve_app.engine.types import SamplingParams
 
 
@@ -35,9 +38,44 @@ def test_each_row_uses_its_own_params():
     assert len(draws) > 1
 
 
-def test_filter_logits_keeps_top_k_and_nucleus_per_row():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
-    out = filter_logits(logits, top_k=torch.tensor([2, 0]), top_p=torch.tensor([1.0, 0.7]))
-    kept = torch.isfinite(out)
-    assert kept[0].tolist() == [True, True, False, False]  # top-2
-    assert kept[1].tolist() == [True, True, False, False]  # 0.5 + 0.3 >= 0.7
+PROBS = [0.5, 0.3, 0.15, 0.05]
+
+
+@pytest.mark.parametrize("candidates", [2, 256])  # 2: the nucleus does not close among them: full sort
+def test_nucleus_keeps_top_k_and_nucleus_per_row(monkeypatch, candidates):
+    monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+    probs = torch.tensor([PROBS, PROBS, PROBS])
+    kept, ids = nucleus(probs, top_k=torch.tensor([2, 0, 0]), top_p=torch.tensor([1.0, 0.7, 0.9]))
+    on = [set(ids[r][kept[r] > 0].tolist()) for r in range(3)]
+    assert on[0] == {0, 1}  # top-2
+    assert on[1] == {0, 1}  # 0.5 + 0.3 >= 0.7
+    assert on[2] == {0, 1, 2}  # 0.5 + 0.3 < 0.9 <= 0.95
+
+
+def frequencies(params: SamplingParams, draws: int = 4000) -> list[float]:
+    logits = torch.log(torch.tensor([PROBS] * draws))
+    gen = make_generator(params, torch.device("cpu"))
+    tokens = sample_next_tokens(logits, [params] * draws, [gen] * draws)
+    return [tokens.count(t) / draws for t in range(len(PROBS))]
+
+
+@pytest.mark.parametrize("candidates", [2, 256])
+def test_draws_follow_the_filtered_distribution(monkeypatch, candidates):
+    monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+    for got, want in zip(frequencies(SamplingParams(temperature=1.0, seed=3)), PROBS):
+        assert abs(got - want) < 0.03
+    nucleus_only = frequencies(SamplingParams(temperature=1.0, top_p=0.7, seed=4))
+    for got, want in zip(nucleus_only, [0.5 / 0.8, 0.3 / 0.8, 0, 0]):
+        assert abs(got - want) < 0.03
+
+
+def test_a_seeded_row_draws_the_same_alone_or_in_any_batch():
+    logits = torch.randn(5, 2000)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=11), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.3, seed=5), SamplingParams(temperature=0.7, top_k=40, seed=9),
+              SamplingParams(temperature=1.0, seed=2)]
+    def gens():
+        return [make_generator(p, torch.device("cpu")) for p in params]
+    together = sample_next_tokens(logits, params, gens())
+    alone = [sample_next_tokens(logits[i:i + 1], [params[i]], [gens()[i]])[0] for i in range(5)]
+    assert together == alone

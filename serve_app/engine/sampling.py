@@ -19,20 +19,10 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask logits outside each row's top-k / nucleus (rows: k=0 and p=1 mean off)."""
-    vocab = logits.shape[-1]
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
-    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(-1)
-    remove = ranks >= k
-    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-    # Drop a token once the mass before it already reaches top_p (the top token always stays).
-    mass_before = probs.cumsum(dim=-1) - probs
-    remove |= mass_before >= top_p.unsqueeze(-1)
-    remove[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+# Nucleus / top-k rows are filtered among this many most likely tokens when that is exact
+# (the row's top_k fits, or its nucleus closes within them); a full sort of the vocabulary
+# is the fallback. Sorting 49k logits for 32 rows cost 45 ms of a 230 ms CPU step.
+CANDIDATES = 256
 
 
 def sample_next_tokens(
@@ -41,30 +31,70 @@ def sample_next_tokens(
     generators: Sequence[torch.Generator | None],
 ) -> list[int | Exception]:
     """Pick one token per row (or the error that row met). `logits` is [batch, vocab] for the
-    last position."""
+    last position.
+
+    A sampled row draws one uniform number from its own generator and takes the token where
+    its distribution's cumulative mass passes it (inverse CDF): the draw depends only on the
+    row's distribution and seed, never on the batch around it, and every row is sampled in
+    one batched operation (a multinomial per row cost 0.8 ms each)."""
     logits = logits.float()
     greedy_tokens = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled_rows:
         return greedy_tokens.tolist()
 
-    rows = torch.tensor(sampled_rows, device=logits.device)
-    sub = logits.index_select(0, rows)
-    temps = torch.tensor([params[i].temperature for i in sampled_rows], device=logits.device)
-    sub = sub / temps.unsqueeze(-1)
-    if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in sampled_rows):
-        top_k = torch.tensor([params[i].top_k for i in sampled_rows], device=logits.device)
-        top_p = torch.tensor([params[i].top_p for i in sampled_rows], device=logits.device)
-        sub = filter_logits(sub, top_k, top_p)
-    probs = sub.softmax(dim=-1)
+    device = logits.device
+    rows = torch.tensor(sampled_rows, device=device)
+    temps = torch.tensor([params[i].temperature for i in sampled_rows], device=device)
+    probs = (logits.index_select(0, rows) / temps.unsqueeze(-1)).softmax(dim=-1)
+    valid = (~probs.isnan().any(dim=-1)).tolist()  # NaN/inf logits: that row fails, not the batch
+    uniform = torch.tensor([torch.rand((), generator=generators[i]).item() for i in sampled_rows],
+                           device=device, dtype=probs.dtype)
+    picks = inverse_cdf(probs, uniform)
+    filtered = [j for j, i in enumerate(sampled_rows) if params[i].top_k > 0 or params[i].top_p < 1.0]
+    if filtered:
+        sel = torch.tensor(filtered, device=device)
+        top_k = torch.tensor([params[sampled_rows[j]].top_k for j in filtered], device=device)
+        top_p = torch.tensor([params[sampled_rows[j]].top_p for j in filtered], device=device)
+        kept, token_ids = nucleus(probs.index_select(0, sel), top_k, top_p)
+        columns = inverse_cdf(kept, uniform.index_select(0, sel))
+        picks[sel] = token_ids.gather(1, columns.unsqueeze(-1)).squeeze(-1)
 
     tokens: list[int | Exception] = greedy_tokens.tolist()
-    for j, i in enumerate(sampled_rows):
-        try:
-            tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]).item())
-        except RuntimeError as e:  # NaN/inf in this row's distribution: this row fails, not the batch
-            tokens[i] = e
+    for j, (i, token) in enumerate(zip(sampled_rows, picks.tolist())):
+        tokens[i] = token if valid[j] else RuntimeError(
+            "probability tensor contains either inf, nan or element < 0")
     return tokens
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the first column where the cumulative mass exceeds uniform * the row's mass
+    (rows need not be normalized; zero columns are never picked, short of float rounding)."""
+    cdf = probs.cumsum(dim=-1)
+    target = (uniform * cdf[:, -1]).unsqueeze(-1)
+    last_nonzero = (probs > 0).cumsum(dim=-1).argmax(dim=-1)  # first column reaching the final count
+    return torch.minimum(torch.searchsorted(cdf, target, right=True).squeeze(-1), last_nonzero)
+
+
+def nucleus(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero each row's tokens outside its top-k and nucleus; return (probs, token ids) over the
+    CANDIDATES most likely tokens when that is exact for every row, else over the vocabulary."""
+    vocab = probs.shape[-1]
+    n = min(CANDIDATES, vocab)
+    cand, ids = probs.topk(n, dim=-1)  # descending
+    mass_before = cand.cumsum(dim=-1) - cand
+    fits_k = (top_k > 0) & (top_k <= n)
+    closes_p = (top_p < 1.0) & (mass_before[:, -1] + cand[:, -1] >= top_p)
+    if n < vocab and not bool((fits_k | closes_p).all()):
+        cand, ids = probs.sort(dim=-1, descending=True)
+        mass_before = cand.cumsum(dim=-1) - cand
+    ranks = torch.arange(cand.shape[-1], device=probs.device)
+    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(-1)
+    # Drop a token past the row's k, or once the mass before it already reaches top_p
+    # (the top token always stays).
+    remove = (ranks >= k) | (mass_before >= top_p.unsqueeze(-1))
+    remove[:, 0] = False
+    return cand.masked_fill(remove, 0.0), ids
 
 
 def process_logits(
