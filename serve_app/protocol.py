@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve_app.engine.types import MinTokens, OpenAIPenalty, RepetitionPenalty, Seed, TopK, TopLogprobs, TopP
+
 
 class APIError(Exception):
     """An error a client sees, in OpenAI's shape, with its HTTP status.
@@ -79,20 +81,20 @@ class _GenerationFields(BaseModel):
     model: str
     max_tokens: int | None = Field(None, description="Tokens to generate (default from config).")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="Extension: 0 disables top-k.")
+    top_p: TopP = 1.0
+    top_k: TopK = Field(0, description="Extension: 0 disables top-k.")
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="Any 64-bit integer.")
+    seed: Seed | None = Field(None, description="Any 64-bit integer.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="Extension (vLLM): generate exactly max_tokens.")
     n: int = Field(1, ge=1, le=128, description="Choices per prompt, each its own sequence.")
     best_of: int | None = Field(None, description="Accepted only equal to n (no server-side ranking).")
-    min_tokens: int = Field(0, ge=0, description="Extension (vLLM): no EOS before this many tokens.")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Extension (vLLM/HF).")
+    min_tokens: MinTokens = Field(0, description="Extension (vLLM): no EOS before this many tokens.")
+    presence_penalty: OpenAIPenalty = 0.0
+    frequency_penalty: OpenAIPenalty = 0.0
+    repetition_penalty: RepetitionPenalty = Field(1.0, description="Extension (vLLM/HF).")
     logit_bias: dict[str, float] | None = Field(None, description="Token id -> bias in [-100, 100].")
 
     @field_validator("logit_bias")
@@ -139,7 +141,7 @@ class CompletionRequest(_GenerationFields):
     prompt: str | list[str]
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = Field(None, ge=0, le=20, description="Top tokens to report per token, with the chosen one.")
+    logprobs: TopLogprobs | None = Field(None, description="Top tokens to report per token, with the chosen one.")
 
     @field_validator("prompt")
     @classmethod
@@ -178,7 +180,7 @@ class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -230,7 +232,7 @@ class Usage(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens)
 

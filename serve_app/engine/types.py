@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM
+
+# The bounds of a sampling parameter, declared once: the engine's SamplingParams and the
+# HTTP protocol's request models use the same types, so nothing the edge accepts is refused
+# (or crashes) in the engine.
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=0)]  # 0 = off
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what torch.Generator accepts
+MinTokens = Annotated[int, Field(ge=0)]  # EOS is impossible before this many tokens
+OpenAIPenalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # presence / frequency, as OpenAI
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]  # HF/vLLM: prompt and output tokens
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # the chosen token's logprob and this many top ones
 
 
 class SamplingParams(BaseModel):
@@ -17,17 +28,17 @@ class SamplingParams(BaseModel):
 
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # 0 = off
+    top_p: TopP = 1.0
+    top_k: TopK = 0
     stop: tuple[str, ...] = ()
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator accepts
+    seed: Seed | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)  # EOS is impossible before this many tokens
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI: per token present in the output
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # OpenAI: per occurrence in the output
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # HF/vLLM: prompt and output tokens
+    min_tokens: MinTokens = 0
+    presence_penalty: OpenAIPenalty = 0.0  # per token present in the output
+    frequency_penalty: OpenAIPenalty = 0.0  # per occurrence in the output
+    repetition_penalty: RepetitionPenalty = 1.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
-    logprobs: int | None = Field(None, ge=0, le=20)  # the chosen token's logprob and this many top ones
+    logprobs: TopLogprobs | None = None
 
     @property
     def processes_logits(self) -> bool:
@@ -72,7 +83,7 @@ class SequenceOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def absorb(self, later: "SequenceOutput") -> None:
+    def absorb(self, later: SequenceOutput) -> None:
         """Fold a later delta of the same sequence into this one."""
         self.text += later.text
         self.token_ids += later.token_ids
