@@ -128,7 +128,9 @@ class Ingress:
 # -------------------------------------------------------------------- HTTP
 
 
-def error_response(err: APIError) -> JSONResponse:
+def error_response(err: APIError, model_name: str) -> JSONResponse:
+    """The error in OpenAI's shape, counted in the error metric (every error answer passes here)."""
+    count_error(model_name, err.status, err.code)
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
@@ -231,18 +233,18 @@ def build_http_app(ingress: Ingress) -> Starlette:
         return JSONResponse(await ingress.stats(include))
 
     async def on_api_error(request: Request, exc: APIError) -> Response:
-        count_error(args.model_name, exc.status, exc.code)
-        return error_response(exc)
+        return error_response(exc, args.model_name)
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = {404: f"no route {request.method} {request.url.path}",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
-        return error_response(APIError(exc.status_code, message, code=kind))
+        return error_response(APIError(exc.status_code, message, code=kind), args.model_name)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unexpected error on %s", request.url.path)
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error",
+                                       code="internal_error"), args.model_name)
 
     return Starlette(
         routes=[
@@ -273,8 +275,7 @@ class EdgeGuard:
             try:
                 check_edge(headers, self.args)
             except APIError as err:
-                count_error(self.args.model_name, err.status, err.code)
-                await error_response(err)(scope, receive, send)
+                await error_response(err, self.args.model_name)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

@@ -58,6 +58,9 @@ def test_counters_and_histograms_move_by_the_requests_served(ops_app, metrics_ur
         assert requests.post(f"{ops_app}/v1/completions", json=body, timeout=60).status_code == 200
     rejected = requests.post(f"{ops_app}/v1/completions", json={"model": TINY, "prompt": "x", "top_p": 7}, timeout=60)
     assert rejected.status_code == 400
+    # Errors the router of the HTTP app answers (no route, wrong method) are counted too.
+    assert requests.get(f"{ops_app}/v1/nothing", timeout=10).status_code == 404
+    assert requests.get(f"{ops_app}/v1/completions", timeout=10).status_code == 405
     m = "ray_vllm_request_success_total"
     wait_for(metrics_url, m, value(before, m, finished_reason="length") + N, finished_reason="length")
     after = wait_for(metrics_url, "ray_vllm_iteration_tokens_total_count", 1)  # replica metrics: a 1 s beat
@@ -73,6 +76,8 @@ def test_counters_and_histograms_move_by_the_requests_served(ops_app, metrics_ur
     assert moved("ray_vllm_inter_token_latency_seconds_count") >= N  # several messages per request
     assert moved("ray_vllm_request_queue_time_seconds_count") == N
     assert moved("ray_serve_app_request_errors_total", status="400", code="invalid_value") == 1
+    assert moved("ray_serve_app_request_errors_total", status="404", code="not_found") == 1
+    assert moved("ray_serve_app_request_errors_total", status="405", code="method_not_allowed") == 1
     assert value(after, "ray_vllm_iteration_tokens_total_count") > 0
     for gauge in ("ray_vllm_num_requests_running", "ray_vllm_kv_cache_usage_perc", "ray_serve_app_router_queue_length"):
         assert f"{gauge}{{" in after, gauge
