@@ -4,8 +4,8 @@
     python -m bench.run --quick      # closed loop c=32, concurrency 1 and the wave only
 
 serve_app runs, in one Ray session, the scenarios of `SCENARIOS`: steady-state
-closed loops (completions with mixed lengths, chat with natural stops, a mix
-with 2-3k-token prompts), Poisson arrivals at three rates, concurrency 1, and
+closed loops (completions with mixed lengths, greedy and sampled, chat with natural
+stops, a mix with 2-3k-token prompts), Poisson arrivals at three rates, concurrency 1, and
 the synchronized wave. Each records the CPU time of proxy, ingress, router
 and replica processes. The offline limit (`generate` on static batches, no
 server) and the naive seed design run in the same invocation.
@@ -64,6 +64,11 @@ SCENARIOS = [
     ("closed loop c=16, 10% long prompts", dict(workload=Workload(128, mixed_output=MIXED, seed=3,
                                                                   long_prompts=(0.1, 2000, 3000)),
                                                 num_requests=48, concurrency=16)),
+    # What chat clients send (OpenAI's default temperature is 1; UIs often add a nucleus): the
+    # same loop as the first, sampled instead of greedy.
+    ("closed loop c=32, sampled (temperature 0.8, top-p 0.95)",
+     dict(workload=Workload(128, mixed_output=MIXED, seed=1), num_requests=96, concurrency=32,
+          extra={"ignore_eos": True, "temperature": 0.8, "top_p": 0.95})),
     ("poisson 0.3/s", dict(workload=Workload(128, mixed_output=MIXED, seed=4), num_requests=24, request_rate=0.3)),
     ("poisson 0.6/s", dict(workload=Workload(128, mixed_output=MIXED, seed=5), num_requests=24, request_rate=0.6)),
     ("poisson 0.9/s", dict(workload=Workload(128, mixed_output=MIXED, seed=6), num_requests=24, request_rate=0.9)),
@@ -166,6 +171,8 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=None, help="run only scenarios whose label contains one of these")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--step-time-target-s", type=float, default=None,
+                   help="the engine's adaptive step budget (AppArgs.step_time_target_s)")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
     p.add_argument("--skip-naive", action="store_true")
@@ -180,6 +187,8 @@ def main() -> None:
                    "torch_threads": a.torch_threads, "num_cpus": 1, "num_gpus": 0}
     if a.max_num_batched_tokens:
         server_args["max_num_batched_tokens"] = a.max_num_batched_tokens
+    if a.step_time_target_s:
+        server_args["step_time_target_s"] = a.step_time_target_s
     if a.no_metrics:
         server_args["metrics"] = False
     print(f"benchmark: {a.model}, server args {server_args}", flush=True)
