@@ -41,15 +41,21 @@ def test_each_row_uses_its_own_params():
 PROBS = [0.5, 0.3, 0.15, 0.05]
 
 
-@pytest.mark.parametrize("candidates", [2, 256])  # 2: the nucleus does not close among them: full sort
-def test_nucleus_keeps_top_k_and_nucleus_per_row(monkeypatch, candidates):
-    monkeypatch.setattr(sampling, "CANDIDATES", candidates)
-    probs = torch.tensor([PROBS, PROBS, PROBS])
-    kept, ids = nucleus(probs, top_k=torch.tensor([2, 0, 0]), top_p=torch.tensor([1.0, 0.7, 0.9]))
-    on = [set(ids[r][kept[r] > 0].tolist()) for r in range(3)]
+def test_nucleus_keeps_top_k_then_nucleus_per_row():
+    probs = torch.tensor([PROBS, PROBS, PROBS, PROBS])
+    kept, ids, exact = nucleus(probs, top_k=torch.tensor([2, 0, 0, 3]), top_p=torch.tensor([1.0, 0.7, 0.9, 0.8]))
+    on = [set(ids[r][kept[r] > 0].tolist()) for r in range(4)]
     assert on[0] == {0, 1}  # top-2
     assert on[1] == {0, 1}  # 0.5 + 0.3 >= 0.7
     assert on[2] == {0, 1, 2}  # 0.5 + 0.3 < 0.9 <= 0.95
+    assert on[3] == {0, 1}  # top-3 leaves 0.95; 0.8 of that is reached after 0.5 + 0.3 (0.84)
+    assert exact.all()
+
+
+def test_a_nucleus_wider_than_the_candidates_is_marked_inexact(monkeypatch):
+    monkeypatch.setattr(sampling, "CANDIDATES", 2)
+    _, _, exact = nucleus(torch.tensor([PROBS, PROBS]), top_k=torch.tensor([0, 0]), top_p=torch.tensor([0.7, 0.9]))
+    assert exact.tolist() == [True, False]
 
 
 def frequencies(params: SamplingParams, draws: int = 4000) -> list[float]:
@@ -59,14 +65,16 @@ def frequencies(params: SamplingParams, draws: int = 4000) -> list[float]:
     return [tokens.count(t) / draws for t in range(len(PROBS))]
 
 
-@pytest.mark.parametrize("candidates", [2, 256])
+@pytest.mark.parametrize("candidates", [2, 256])  # 2: the 0.9 nucleus is sampled by rejection
 def test_draws_follow_the_filtered_distribution(monkeypatch, candidates):
     monkeypatch.setattr(sampling, "CANDIDATES", candidates)
     for got, want in zip(frequencies(SamplingParams(temperature=1.0, seed=3)), PROBS):
         assert abs(got - want) < 0.03
-    nucleus_only = frequencies(SamplingParams(temperature=1.0, top_p=0.7, seed=4))
-    for got, want in zip(nucleus_only, [0.5 / 0.8, 0.3 / 0.8, 0, 0]):
-        assert abs(got - want) < 0.03
+    for top_p, want in ((0.7, [0.5 / 0.8, 0.3 / 0.8, 0, 0]), (0.9, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])):
+        got = frequencies(SamplingParams(temperature=1.0, top_p=top_p, seed=4))
+        assert all(abs(g - w) < 0.03 for g, w in zip(got, want)), (top_p, got)
+    got = frequencies(SamplingParams(temperature=1.0, top_k=3, top_p=0.8, seed=5))
+    assert all(abs(g - w) < 0.03 for g, w in zip(got, [0.5 / 0.8, 0.3 / 0.8, 0, 0])), got
 
 
 def test_a_seeded_row_draws_the_same_alone_or_in_any_batch():

@@ -20,9 +20,10 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 # Nucleus / top-k rows are filtered among this many most likely tokens when that is exact
-# (the row's top_k fits, or its nucleus closes within them); a full sort of the vocabulary
-# is the fallback. Sorting 49k logits for 32 rows cost 45 ms of a 230 ms CPU step.
+# (the row's top_k fits and its nucleus closes within them); wider rows are sampled by
+# rejection. Sorting 49k logits for 32 rows cost 45 ms of a 230 ms CPU step.
 CANDIDATES = 256
+MAX_REJECTIONS = 64  # each round removes at least the rejected token; a bound against float surprises
 
 
 def sample_next_tokens(
@@ -47,18 +48,32 @@ def sample_next_tokens(
     rows = torch.tensor(sampled_rows, device=device)
     temps = torch.tensor([params[i].temperature for i in sampled_rows], device=device)
     probs = (logits.index_select(0, rows) / temps.unsqueeze(-1)).softmax(dim=-1)
-    valid = (~probs.isnan().any(dim=-1)).tolist()  # NaN/inf logits: that row fails, not the batch
+    valid_rows = ~probs.isnan().any(dim=-1)  # NaN/inf logits: that row fails, not the batch
+    valid = valid_rows.tolist()
+    if not all(valid):  # give failed rows a harmless distribution; their draws are discarded
+        probs = torch.where(valid_rows.unsqueeze(-1), probs, torch.full_like(probs, 1.0 / probs.shape[-1]))
     uniform = torch.tensor([torch.rand((), generator=generators[i]).item() for i in sampled_rows],
                            device=device, dtype=probs.dtype)
-    picks = inverse_cdf(probs, uniform)
     filtered = [j for j, i in enumerate(sampled_rows) if params[i].top_k > 0 or params[i].top_p < 1.0]
+    picks = torch.empty(len(sampled_rows), dtype=torch.long, device=device)
+    plain = sorted(set(range(len(sampled_rows))) - set(filtered))  # temperature only: the whole vocabulary
+    if plain:
+        sel = torch.tensor(plain, device=device)
+        picks[sel] = inverse_cdf(probs.index_select(0, sel), uniform.index_select(0, sel))
     if filtered:
         sel = torch.tensor(filtered, device=device)
         top_k = torch.tensor([params[sampled_rows[j]].top_k for j in filtered], device=device)
         top_p = torch.tensor([params[sampled_rows[j]].top_p for j in filtered], device=device)
-        kept, token_ids = nucleus(probs.index_select(0, sel), top_k, top_p)
+        sub = probs.index_select(0, sel)
+        kept, token_ids, exact = nucleus(sub, top_k, top_p)
         columns = inverse_cdf(kept, uniform.index_select(0, sel))
-        picks[sel] = token_ids.gather(1, columns.unsqueeze(-1)).squeeze(-1)
+        found = token_ids.gather(1, columns.unsqueeze(-1)).squeeze(-1)
+        if not bool(exact.all()):  # nuclei wider than the candidates: rejection on the vocabulary
+            wide = (~exact).nonzero().squeeze(-1)
+            gens = [generators[sampled_rows[filtered[j]]] for j in wide.tolist()]
+            found[wide] = nucleus_by_rejection(sub.index_select(0, wide), top_k.index_select(0, wide),
+                                               top_p.index_select(0, wide), gens)
+        picks[sel] = found
 
     tokens: list[int | Exception] = greedy_tokens.tolist()
     for j, (i, token) in enumerate(zip(sampled_rows, picks.tolist())):
@@ -76,25 +91,65 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.minimum(torch.searchsorted(cdf, target, right=True).squeeze(-1), last_nonzero)
 
 
-def nucleus(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero each row's tokens outside its top-k and nucleus; return (probs, token ids) over the
-    CANDIDATES most likely tokens when that is exact for every row, else over the vocabulary."""
+def nucleus(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Among each row's CANDIDATES most likely tokens, zero those outside its top-k and then
+    its nucleus (top_p of the mass that top-k left, as HF and vLLM apply them). Returns
+    (probs, token ids, exact): `exact` is False for a row whose top-k or nucleus reaches past
+    the candidates (its result is then incomplete: see nucleus_by_rejection)."""
     vocab = probs.shape[-1]
     n = min(CANDIDATES, vocab)
     cand, ids = probs.topk(n, dim=-1)  # descending
-    mass_before = cand.cumsum(dim=-1) - cand
-    fits_k = (top_k > 0) & (top_k <= n)
-    closes_p = (top_p < 1.0) & (mass_before[:, -1] + cand[:, -1] >= top_p)
-    if n < vocab and not bool((fits_k | closes_p).all()):
-        cand, ids = probs.sort(dim=-1, descending=True)
-        mass_before = cand.cumsum(dim=-1) - cand
-    ranks = torch.arange(cand.shape[-1], device=probs.device)
+    ranks = torch.arange(n, device=probs.device)
     k = torch.where(top_k > 0, top_k, vocab).unsqueeze(-1)
-    # Drop a token past the row's k, or once the mass before it already reaches top_p
-    # (the top token always stays).
-    remove = (ranks >= k) | (mass_before >= top_p.unsqueeze(-1))
+    cand = cand.masked_fill(ranks >= k, 0.0)
+    fits_k = (top_k > 0) & (top_k <= n)
+    # The mass top-k left: all of it without top-k (rows whose k does not fit are inexact anyway).
+    base = torch.where(fits_k, cand.sum(dim=-1), torch.ones_like(top_p))
+    mass_before = (cand.cumsum(dim=-1) - cand) / base.unsqueeze(-1)
+    closes_p = (top_p >= 1.0) | ((mass_before[:, -1] * base + cand[:, -1]) / base >= top_p)
+    exact = (n == vocab) | ((top_k == 0) | fits_k) & closes_p
+    # Drop a token once the mass before it already reaches top_p (the top token always stays).
+    remove = mass_before >= top_p.unsqueeze(-1)
     remove[:, 0] = False
-    return cand.masked_fill(remove, 0.0), ids
+    return cand.masked_fill(remove, 0.0), ids, exact
+
+
+def nucleus_by_rejection(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                         generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Exact top-k + nucleus sampling without sorting the vocabulary (for nuclei wider than
+    the candidates, e.g. flat distributions). A row draws from its distribution; a token
+    outside the nucleus (the tokens more likely than it already hold top_p of the mass)
+    narrows the row to the tokens more likely than it, and the row draws again. Conditioning
+    a draw from any superset of the nucleus on landing in it gives the nucleus distribution;
+    the first draw lands in it with probability >= top_p, so a row rarely draws twice."""
+    live = probs.clone()
+    for j, k in enumerate(top_k.tolist()):
+        if 0 < k < probs.shape[-1]:
+            live[j] = live[j].masked_fill(live[j] < live[j].topk(k).values[-1], 0.0)
+    base = live.sum(dim=-1)
+    picks = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    pending = list(range(probs.shape[0]))
+    for _ in range(MAX_REJECTIONS):
+        idx = torch.tensor(pending, device=probs.device)
+        rows = live.index_select(0, idx)
+        uniform = torch.tensor([torch.rand((), generator=generators[j]).item() for j in pending],
+                               device=probs.device, dtype=probs.dtype)
+        pick = inverse_cdf(rows, uniform)
+        p_pick = rows.gather(1, pick.unsqueeze(-1))
+        above = (rows * (rows > p_pick)).sum(dim=-1)
+        inside = (above < top_p.index_select(0, idx) * base.index_select(0, idx)).tolist()
+        for j, (row, ok) in enumerate(zip(pending, inside)):
+            if ok:
+                picks[row] = pick[j]
+            else:
+                live[row] = rows[j].masked_fill(rows[j] <= p_pick[j], 0.0)
+        pending = [row for row, ok in zip(pending, inside) if not ok]
+        if not pending:
+            return picks
+    for j, row in enumerate(pending):  # float rounding kept a row out: take its last draw
+        picks[row] = pick[j]
+    return picks
 
 
 def process_logits(
