@@ -43,11 +43,18 @@ class _AllOff(dict):
         return _Off()
 
 
-@functools.cache
+def metric_set(make):
+    """One process-wide set of metrics, made on first use; stand-ins when metrics are off."""
+    @functools.cache
+    @functools.wraps(make)
+    def get():
+        return make() if _enabled else _AllOff()
+    return get
+
+
+@metric_set
 def ingress_metrics():
     """Per request, where a request begins and ends (the ingress)."""
-    if not _enabled:
-        return _AllOff()
     return {
         "ttft": metrics.Histogram("vllm_time_to_first_token_seconds", "Time to first token (from the ingress).",
                                   LATENCY_BUCKETS, tag_keys=MODEL),
@@ -66,10 +73,8 @@ def ingress_metrics():
     }
 
 
-@functools.cache
+@metric_set
 def router_metrics():
-    if not _enabled:
-        return _AllOff()
     return {
         "queue_time": metrics.Histogram("vllm_request_queue_time_seconds", "Time a request waited for admission.",
                                         LATENCY_BUCKETS),
@@ -78,10 +83,8 @@ def router_metrics():
     }
 
 
-@functools.cache
+@metric_set
 def replica_metrics():
-    if not _enabled:
-        return _AllOff()
     return {
         "running": metrics.Gauge("vllm_num_requests_running", "Sequences in the engine's running batch."),
         "waiting": metrics.Gauge("vllm_num_requests_waiting", "Sequences in the engine waiting for KV blocks."),
