@@ -92,14 +92,15 @@ def measure(system: str, url: str, model: str, label: str, kwargs: dict) -> dict
     return report
 
 
-def offline_limit(model_name: str, workload: Workload, batch_size: int, n: int, threads: int) -> dict:
+def offline_limit(model_name: str, workload: Workload, batch_size: int, n: int, threads: int,
+                  dtype: str = "auto") -> dict:
     import torch
 
     from bench.baselines.offline import offline_throughput, prefill_latency
     from serve_app.engine.loading import load_model
 
     torch.set_num_threads(threads)
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, dtype)
     prompts = [p for p, _ in workload.requests(n)]
     result = offline_throughput(model, tokenizer, prompts, batch_size, workload.output_tokens)
     result["prefill_s"] = prefill_latency(model, tokenizer, prompts[0])
@@ -128,9 +129,10 @@ def run_serve_app(model: str, port: int, server_args: dict, scenarios) -> list[d
         ray.shutdown()
 
 
-def run_naive(model: str, port: int, scenarios) -> list[dict]:
+def run_naive(model: str, port: int, scenarios, dtype: str = "auto") -> list[dict]:
     proc = subprocess.Popen([sys.executable, "-m", "bench.baselines.naive_server", "--model", model,
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--port", str(port), "--dtype", dtype],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
@@ -175,6 +177,8 @@ def main() -> None:
                    help="the engine's adaptive step budget (AppArgs.step_time_target_s)")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations, for the server, the offline limit and the naive server alike")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--no-metrics", action="store_true", help="serve with metrics: false (measures their cost)")
     p.add_argument("--with-transformers-serve", action="store_true",
@@ -191,11 +195,13 @@ def main() -> None:
         server_args["step_time_target_s"] = a.step_time_target_s
     if a.no_metrics:
         server_args["metrics"] = False
+    if a.dtype != "auto":
+        server_args["dtype"] = a.dtype
     print(f"benchmark: {a.model}, server args {server_args}", flush=True)
-    offline = offline_limit(a.model, Workload(128, 128), 32, 32, a.torch_threads)
+    offline = offline_limit(a.model, Workload(128, 128), 32, 32, a.torch_threads, a.dtype)
     runs = run_serve_app(a.model, free_port(), server_args, scenarios)
     if not a.skip_naive:  # the seed design serves one request at a time: concurrency 1 says it all
-        runs += run_naive(a.model, free_port(), [s for s in scenarios if s[0] == "concurrency 1"])
+        runs += run_naive(a.model, free_port(), [s for s in scenarios if s[0] == "concurrency 1"], a.dtype)
     if a.with_transformers_serve:
         try:
             runs += run_transformers_serve(a.model, free_port(), scenarios)

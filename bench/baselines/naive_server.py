@@ -26,8 +26,8 @@ class Completion(BaseModel):
     ignore_eos: bool = False
 
 
-def build(model_name: str) -> FastAPI:
-    model, tokenizer = load_model(model_name)
+def build(model_name: str, dtype: str = "auto") -> FastAPI:
+    model, tokenizer = load_model(model_name, dtype)
     app = FastAPI()
 
     @app.post("/v1/completions")
@@ -57,5 +57,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="builtin:smollm2-135m-instruct")
     p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--dtype", default="auto")
     a = p.parse_args()
-    uvicorn.run(build(a.model), host="127.0.0.1", port=a.port, log_level="warning")
+    uvicorn.run(build(a.model, a.dtype), host="127.0.0.1", port=a.port, log_level="warning")
