@@ -39,23 +39,26 @@ def main() -> None:
     print("| rows | keys | SDPA enable_gqa µs | grouped µs | speed-up | max abs diff |")
     print("|---|---|---|---|---|---|")
     for rows, keys in ((1, 200), (8, 200), (32, 208), (32, 1024)):
-        # Strided like the engine's cache reads: [rows, keys, Hkv, D] viewed as [rows, Hkv, keys, D].
-        k = torch.randn(rows, keys, hkv, d).transpose(1, 2)
-        v = torch.randn(rows, keys, hkv, d).transpose(1, 2)
-        q = torch.randn(rows, hq, 1, d)
-        lens = torch.randint(keys // 2, keys + 1, (rows,))
-        mask = (torch.arange(keys) < lens.unsqueeze(1)).view(rows, 1, 1, keys) if rows > 1 else None
-
-        def gqa():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-        def grouped():
-            return F.scaled_dot_product_attention(q.view(rows, hkv, hq // hkv, d), k, v, attn_mask=mask)
-
-        diff = (gqa() - grouped().view(rows, hq, 1, d)).abs().max().item()
-        t_gqa, t_grouped = best_us(gqa), best_us(grouped)
+        t_gqa, t_grouped, diff = measure(rows, keys, hq, hkv, d)
         print(f"| {rows} | {keys} | {t_gqa:.1f} | {t_grouped:.1f} | {t_gqa / t_grouped:.2f}× | {diff:.1e} |")
 
+
+def measure(rows: int, keys: int, hq: int, hkv: int, d: int) -> tuple[float, float, float]:
+    # Strided like the engine's cache reads: [rows, keys, Hkv, D] viewed as [rows, Hkv, keys, D].
+    k = torch.randn(rows, keys, hkv, d).transpose(1, 2)
+    v = torch.randn(rows, keys, hkv, d).transpose(1, 2)
+    q = torch.randn(rows, hq, 1, d)
+    lens = torch.randint(keys // 2, keys + 1, (rows,))
+    mask = (torch.arange(keys) < lens.unsqueeze(1)).view(rows, 1, 1, keys) if rows > 1 else None
+
+    def gqa():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def grouped():
+        return F.scaled_dot_product_attention(q.view(rows, hkv, hq // hkv, d), k, v, attn_mask=mask)
+
+    diff = (gqa() - grouped().view(rows, hq, 1, d)).abs().max().item()
+    return best_us(gqa), best_us(grouped), diff
 
 if __name__ == "__main__":
     main()
