@@ -50,8 +50,8 @@ class ModelReplica:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.device = select_device(self.args.device)
         if self.args.torch_threads or self.device.type == "cpu":
-            # Ray pins torch to one thread per reserved CPU; a CPU replica computes faster on all cores.
-            torch.set_num_threads(self.args.torch_threads or os.cpu_count() or 1)
+            # Ray pins torch to one thread per reserved CPU; a CPU replica computes faster on its share of the cores.
+            torch.set_num_threads(self.args.cpu_threads(os.cpu_count() or 1))
         self.engine = build_engine(self.args, self.device)
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id

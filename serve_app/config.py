@@ -80,8 +80,9 @@ class AppArgs(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = the GPU Ray assigned, else CPU.")
     max_model_len: int | None = Field(None, gt=0, description="Context limit (default: the model's own).")
     torch_threads: int | None = Field(
-        None, gt=0, description="torch intra-op threads of a CPU replica (default: all the node's cores; "
-        "Ray would give it one per reserved CPU, 24% slower measured on 2 cores)."
+        None, gt=0, description="torch intra-op threads of a CPU replica (default: the node's cores divided by "
+        "autoscaling.max_replicas, at least 1; Ray would give it one per reserved CPU, 24% slower measured on "
+        "2 cores with one replica)."
     )
 
     # Batching and queueing
@@ -159,6 +160,12 @@ class AppArgs(BaseModel):
         """max_num_batched_tokens, or its default for this device (CPU steps must stay short)."""
         default = 2048 if device_type == "cuda" else 256
         return max(self.max_num_batched_tokens or default, self.max_batch_size)
+
+    def cpu_threads(self, node_cores: int) -> int:
+        """torch threads of a CPU replica: torch_threads, or the cores shared by as many replicas as
+        autoscaling may place. Why not all cores each: 3 replicas x 2 spinning OpenMP threads on 2
+        cores stalled a 1,900-token request past a 60 s grace period; 1 thread each served it."""
+        return self.torch_threads or max(1, node_cores // self.autoscaling.max_replicas)
 
     def kv_tokens(self, max_model_len: int) -> int:
         """kv_cache_tokens, or its default for this context length."""

@@ -33,6 +33,8 @@ def wait_for(predicate, timeout: float, what: str, timeline: list | None = None,
 
 @pytest.fixture(scope="module")
 def scaling_app(ray_cluster):
+    # torch_threads unset: up to 3 CPU replicas share the cores (AppArgs.cpu_threads). At 2 threads
+    # each on 2 cores, a busy host stalled a replica's 1,900-token request past the grace period.
     args = {**APP_ARGS, "max_batch_size": 4, "autoscaling": SCALING, "graceful_shutdown_timeout_s": 60}
     serve.run(build_app(args), name="scale", route_prefix="/scale")
     yield f"{ray_cluster}/scale"
@@ -101,7 +103,8 @@ def test_scale_up_under_load_and_down_after_with_nothing_lost(scaling_app):
           f"{sum(s == 200 for s, _ in results + long_results)} complete")
     assert results and all(status == 200 for status, _ in results)
     assert all(body["usage"]["completion_tokens"] == 120 for _, body in results)  # none cut short
-    assert [(s, b["usage"]["completion_tokens"]) for s, b in long_results] == [(200, 1900)] * 2
+    # An error's body is in the comparison, so a failure says what went wrong.
+    assert [(s, b["usage"]["completion_tokens"] if "usage" in b else b) for s, b in long_results] == [(200, 1900)] * 2
 
 
 @pytest.fixture(scope="module")

@@ -29,3 +29,13 @@ def test_build_app_rejects_bad_args_at_startup():
 
     with pytest.raises(ValidationError, match="max_queue_len"):
         build_app({"max_queue_len": "many"})
+
+
+@pytest.mark.parametrize("args, cores, threads", [
+    ({}, 8, 8),  # one replica: all the cores
+    ({"autoscaling": {"max_replicas": 3}}, 2, 1),  # more replicas than cores: one thread each, never 0
+    ({"autoscaling": {"max_replicas": 4}}, 16, 4),
+    ({"torch_threads": 3, "autoscaling": {"max_replicas": 4}}, 16, 3),  # set explicitly: as given
+])
+def test_cpu_threads_share_the_cores_among_the_replicas_autoscaling_may_place(args, cores, threads):
+    assert AppArgs.model_validate(args).cpu_threads(cores) == threads
