@@ -60,5 +60,6 @@ def measure(rows: int, keys: int, hq: int, hkv: int, d: int) -> tuple[float, flo
     diff = (gqa() - grouped().view(rows, hq, 1, d)).abs().max().item()
     return best_us(gqa), best_us(grouped), diff
 
+
 if __name__ == "__main__":
     main()

@@ -25,12 +25,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import requests
 
 from bench.cpu import CpuMeter
 from bench.loadgen import Workload, run_load
 from bench.report import chart, cpu_table, markdown_table
+from serve_app.config import AppArgs
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -177,7 +179,7 @@ def main() -> None:
                    help="the engine's adaptive step budget (AppArgs.step_time_target_s)")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=get_args(AppArgs.model_fields["dtype"].annotation),
                    help="weights and activations, for the server, the offline limit and the naive server alike")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--no-metrics", action="store_true", help="serve with metrics: false (measures their cost)")
