@@ -94,6 +94,10 @@ def replica_metrics():
         "step_rows": metrics.Histogram("serve_app_step_batch_size", "Sequences decoded or prefilled per step.",
                                        TOKEN_BUCKETS),
         "step_time": metrics.Histogram("serve_app_step_seconds", "Wall time of one engine step.", LATENCY_BUCKETS),
+        "draft_tokens": metrics.Counter("vllm_spec_decode_num_draft_tokens_total",
+                                        "Speculative draft tokens checked."),
+        "accepted_draft_tokens": metrics.Counter("vllm_spec_decode_num_accepted_tokens_total",
+                                                 "Speculative draft tokens kept (the model agreed)."),
     }
 
 

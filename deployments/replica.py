@@ -46,6 +46,7 @@ class ModelReplica:
         quiet_logs.install()
         self.args = AppArgs.model_validate(args)
         metrics.set_enabled(self.args.metrics)
+        self._exported: dict[str, int] = {}  # counter totals already exported (see _export_metrics)
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned us, so "cuda" is exactly those.
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.device = select_device(self.args.device)
@@ -115,6 +116,8 @@ class ModelReplica:
             "engine_step_ms_mean": 1000 * self.engine.step_seconds / max(1, self.engine.steps),
             "engine_tokens_per_step_mean": self.engine.step_tokens / max(1, self.engine.steps),
             "cancelled_sequences": engine.num_cancelled,
+            "draft_tokens": engine.draft_tokens,
+            "accepted_draft_tokens": engine.accepted_draft_tokens,
             "max_model_len": engine.max_model_len,
             "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
             "kv_cache_tokens": engine.cache.capacity_tokens,
@@ -135,6 +138,11 @@ class ModelReplica:
             m["step_tokens"].observe(tokens)
             m["step_rows"].observe(rows)
             m["step_time"].observe(seconds)
+        for name in ("draft_tokens", "accepted_draft_tokens"):  # counters: what is new since the last beat
+            total = getattr(engine, name)
+            if total > self._exported.get(name, 0):
+                m[name].inc(total - self._exported.get(name, 0))
+                self._exported[name] = total
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Load for the autoscaling policy, in sequences (see serve_app.autoscaling).

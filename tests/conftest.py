@@ -6,6 +6,8 @@ import socket
 
 import pytest
 
+from serve_app.config import AppArgs
+
 TINY = "builtin:tiny-llama"
 # The app most integration tests talk to: small batches, a short batching window.
 APP_ARGS = dict(model=TINY, num_cpus=0, num_gpus=0, max_batch_size=8, batch_wait_timeout_s=0.05,
@@ -51,6 +53,9 @@ def tiny_engine_factory(lively_model):
     model, tokenizer = lively_model
 
     def make(max_batch_size: int = 8, max_model_len: int = 2048, **kw) -> BatchEngine:
+        # As served (AppArgs' defaults): engine tests check that speculation changes no token.
+        kw = {"num_speculative_tokens": AppArgs().num_speculative_tokens,
+              "speculative_max_rows": AppArgs().speculative_max_rows, **kw}
         return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), max_batch_size, max_model_len, **kw)
 
     return make

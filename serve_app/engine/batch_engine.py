@@ -4,7 +4,9 @@ Each `step()` asks the `Scheduler` for a token-budgeted mix of work (one token
 for every decoding sequence, plus prompt chunks), packs those tokens into one
 row, runs one forward pass with the paged attention of `paged_attention`,
 samples a token for every sequence that reached the end of its prompt, and
-retires finished or cancelled sequences (their KV blocks return at once).
+retires finished or cancelled sequences (their KV blocks return at once). A
+decoding row with a speculative draft (speculation.py) runs as a chunk of its
+last token + the draft and keeps the part of the draft its greedy choices agree with.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ class BatchEngine:
 
     def __init__(self, model, tokenizer, eos_token_ids: Iterable[int], max_batch_size: int, max_model_len: int,
                  *, kv_cache_tokens: int | None = None, max_num_batched_tokens: int | None = None,
-                 step_time_target_s: float | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE):
+                 step_time_target_s: float | None = None, num_speculative_tokens: int = 0,
+                 speculative_max_rows: int = 1, block_size: int = DEFAULT_BLOCK_SIZE):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -45,7 +47,8 @@ class BatchEngine:
         model.set_attn_implementation(ATTENTION_NAME)
         self.cache = PagedKVCache.for_model(
             model.config, kv_cache_tokens or max_model_len * 2, block_size, model.dtype, self.device)
-        self.scheduler = Scheduler(self.cache, max_batch_size, max_num_batched_tokens or max(256, max_batch_size))
+        self.scheduler = Scheduler(self.cache, max_batch_size, max_num_batched_tokens or max(256, max_batch_size),
+                                   num_speculative_tokens, speculative_max_rows)
         # Steps longer than this silence every stream that long: after a step overran it the
         # token budget shrinks (down to the decode rows + MIN_PREFILL), e.g. while prompt chunks
         # attend to thousands of past tokens on a slow CPU, and grows back after (_adapt_budget).
@@ -56,6 +59,8 @@ class BatchEngine:
         self.last_step_seconds = 0.0  # wall time of the last step
         self._step_started = 0.0
         self.num_cancelled = 0  # sequences cancelled so far (for stats)
+        self.draft_tokens = 0  # speculative tokens checked so far, and how many of them were kept
+        self.accepted_draft_tokens = 0
 
     # ------------------------------------------------------------ public
 
@@ -99,14 +104,15 @@ class BatchEngine:
         try:
             plan = self.scheduler.schedule()
             self.last_step_tokens = plan.num_tokens
-            self.last_step_rows = len(plan.decodes) + len(plan.prefills)
+            self.last_step_rows = len(plan.decodes) + len(plan.prefills) + len(plan.drafts)
             if not plan:
                 return outputs
             sampled, logits = self._forward(plan)
         except Exception as e:  # e.g. out of memory: the step is lost for every sequence in it
             logger.exception("engine step failed; failing every sequence it holds")
             return outputs + self.abort_all(f"generation failed: {type(e).__name__}: {e}")
-        outputs += self._advance(sampled, logits)
+        outputs += self._advance(sampled, logits[:len(sampled)])
+        outputs += self._verify_drafts(plan.drafts, logits[len(sampled):])
         self._adapt_budget(time.perf_counter() - self._step_started, plan.num_tokens)
         return outputs
 
@@ -138,7 +144,8 @@ class BatchEngine:
     # ------------------------------------------------------------ one step
 
     def _forward(self, plan: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
-        """Pack the step's tokens, run the model; return the sequences to sample and their logits."""
+        """Pack the step's tokens, run the model; return the sequences to sample and the logits:
+        one row per sequence to sample, then 1 + k rows per drafted row, in plan order."""
         tokens: list[int] = []
         positions: list[int] = []
         writes: list[torch.Tensor] = []
@@ -166,8 +173,19 @@ class BatchEngine:
             if past + n == seq.prompt_len:  # the prompt is complete: its last position predicts
                 logit_rows.append(len(tokens) - 1)
                 sampled.append(seq)
+        draft_rows: list[int] = []
+        for seq, draft in plan.drafts:  # its last token + the draft, causal over its cached past
+            past, n = seq.total_len - 1, 1 + len(draft)
+            layout.segments.append(prefill_chunk(self.cache, len(tokens), seq.request_id, past, n))
+            draft_rows += range(len(tokens), len(tokens) + n)
+            tokens += [seq.output_ids[-1], *draft]
+            positions += range(past, past + n)
+            writes.append(self.cache.slots(seq.request_id, past, past + n))
+        logit_rows += draft_rows
         layout.write_slots = torch.cat(writes)
         for seq in plan.decodes:
+            seq.num_cached = seq.total_len
+        for seq, _ in plan.drafts:  # the drafted positions count once checked (_verify_drafts)
             seq.num_cached = seq.total_len
         for seq, n in plan.prefills:
             seq.num_cached += n
@@ -199,21 +217,53 @@ class BatchEngine:
             logprobs = dict(zip(rows, found))
         outputs = []
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            try:
-                out = self._advance_one(seq, token)
-                if i in logprobs:
-                    out.logprobs = [logprobs[i]]
-                outputs.append(out)
-            except Exception as e:  # this sequence only: the others in the batch go on
-                logger.exception("sequence %s failed", seq.request_id)
-                seq.finish_reason = "error"
-                self.scheduler.remove(seq)
-                out = seq.output("", [])
-                out.error = f"generation failed: {type(e).__name__}: {e}"
-                outputs.append(out)
+            out = self._emit(seq, [token])
+            if i in logprobs and out.error is None:
+                out.logprobs = [logprobs[i]]
+            outputs.append(out)
         return outputs
 
-    def _advance_one(self, seq: Sequence, token: int | Exception) -> SequenceOutput:
+    def _verify_drafts(self, drafts: list[tuple[Sequence, list[int]]], logits: torch.Tensor) -> list[SequenceOutput]:
+        """Keep each draft's longest prefix that matches the greedy choices at its positions,
+        then the greedy choice after it (1 to k + 1 tokens per row)."""
+        if not drafts:
+            return []
+        choices = logits.argmax(dim=-1).tolist()
+        outputs, row = [], 0
+        for seq, draft in drafts:
+            chosen = choices[row:row + 1 + len(draft)]
+            row += 1 + len(draft)
+            kept = 0
+            while kept < len(draft) and draft[kept] == chosen[kept]:
+                kept += 1
+            self.draft_tokens += len(draft)
+            self.accepted_draft_tokens += kept
+            seq.record_draft(len(draft), kept, self.scheduler.num_speculative_tokens)
+            seq.num_cached += kept  # the kept drafts' keys/values are right; the rest get overwritten
+            outputs.append(self._emit(seq, chosen[:kept + 1]))
+        return outputs
+
+    def _emit(self, seq: Sequence, tokens: list[int | Exception]) -> SequenceOutput:
+        """Append tokens to a sequence until one finishes it; its output for this step.
+        A failure fails this sequence only: the others in the batch go on."""
+        text, taken = "", []
+        try:
+            for token in tokens:
+                text += self._advance_one(seq, token)
+                taken.append(token)
+                if seq.finish_reason:
+                    break
+        except Exception as e:
+            logger.exception("sequence %s failed", seq.request_id)
+            seq.finish_reason = "error"
+            self.scheduler.remove(seq)
+            out = seq.output("", [])
+            out.error = f"generation failed: {type(e).__name__}: {e}"
+            return out
+        return seq.output(text, taken)
+
+    def _advance_one(self, seq: Sequence, token: int | Exception) -> str:
+        """Append one token; the text it completes (finishing the sequence when it should)."""
         if isinstance(token, Exception):
             raise token
         seq.output_ids.append(token)
@@ -227,7 +277,7 @@ class BatchEngine:
             if not seq.detok.stopped:
                 text += seq.detok.flush()
             self.scheduler.remove(seq)
-        return seq.output(text, [token])
+        return text
 
     def _drop_cancelled(self) -> list[SequenceOutput]:
         if not self._cancelled:

@@ -35,6 +35,7 @@ def build_engine(args: AppArgs, device: torch.device) -> AsyncEngine:
             kv_cache_tokens=args.kv_tokens(max_model_len),
             max_num_batched_tokens=args.step_token_budget(device.type),
             step_time_target_s=args.step_time_target_s,
+            num_speculative_tokens=args.num_speculative_tokens, speculative_max_rows=args.speculative_max_rows,
         )
 
     return AsyncEngine(build, stream_interval_s=args.stream_interval_s)

@@ -7,6 +7,10 @@ admitted (in arrival order) while a row is free and the KV cache can hold
 their whole length; a prompt longer than what is left is prefilled in chunks
 over several steps. So no prompt, however long, stalls the decoding rows, and
 no sequence is admitted that could later run out of KV memory (no preemption).
+
+When only a few sequences are decoding and no prompt is waiting, the step's spare
+budget goes to speculative drafts (speculation.py): a row with a draft of k tokens
+takes k + 1 tokens of the budget and may advance by up to k + 1 tokens.
 """
 
 from __future__ import annotations
@@ -25,17 +29,19 @@ MIN_PREFILL = 16  # prompt tokens a step may always take, however long steps run
 class ScheduledStep:
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, prompt tokens this step)
+    drafts: list[tuple[Sequence, list[int]]] = field(default_factory=list)  # decoding rows with a draft to check
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
+        return len(self.decodes) + sum(n for _, n in self.prefills) + sum(1 + len(d) for _, d in self.drafts)
 
     def __bool__(self) -> bool:
-        return bool(self.decodes or self.prefills)
+        return bool(self.decodes or self.prefills or self.drafts)
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_speculative_tokens: int = 0, speculative_max_rows: int = 0):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
                              f"max_num_seqs ({max_num_seqs}): every running sequence decodes each step")
@@ -45,6 +51,10 @@ class Scheduler:
         # What this step may use, <= max_num_batched_tokens: the engine lowers it when steps
         # run long (see BatchEngine.step_time_target_s). Prompts always get MIN_PREFILL tokens.
         self.token_budget = max_num_batched_tokens
+        # Drafts pay off while a step is bound by reading the weights, i.e. at few rows; beyond
+        # that every drafted token is real compute (see AppArgs.speculative_max_rows).
+        self.num_speculative_tokens = num_speculative_tokens
+        self.speculative_max_rows = speculative_max_rows
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: holds KV blocks, prefilling or decoding
 
@@ -79,7 +89,22 @@ class Scheduler:
             n = min(seq.prompt_len, budget)
             step.prefills.append((seq, n))
             budget -= n
+        if (self.num_speculative_tokens and not step.prefills and not self.waiting
+                and len(step.decodes) <= self.speculative_max_rows):
+            self._add_drafts(step, budget)
         return step
+
+    def _add_drafts(self, step: ScheduledStep, budget: int) -> None:
+        for seq in list(step.decodes):
+            if budget <= 0:
+                return
+            if not seq.can_speculate:
+                continue
+            draft = seq.propose_draft(min(self.num_speculative_tokens, budget))
+            if draft:
+                step.decodes.remove(seq)
+                step.drafts.append((seq, draft))
+                budget -= len(draft)
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or cancelled sequence out, returning its KV blocks."""

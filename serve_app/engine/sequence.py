@@ -6,6 +6,7 @@ import torch
 
 from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.sampling import make_generator
+from serve_app.engine.speculation import NgramIndex
 from serve_app.engine.types import FinishReason, GenerationRequest, SequenceOutput
 
 
@@ -13,7 +14,7 @@ class Sequence:
     """Prompt and output tokens, how many of them are in the KV cache, and how it ends."""
 
     __slots__ = ("request", "params", "prompt_ids", "output_ids", "num_cached", "max_len", "detok",
-                 "generator", "finish_reason")
+                 "generator", "finish_reason", "ngrams", "draft_len")
 
     def __init__(self, request: GenerationRequest, tokenizer, device: torch.device, max_model_len: int):
         self.request = request
@@ -26,6 +27,8 @@ class Sequence:
         self.detok = IncrementalDetokenizer(tokenizer, self.params.stop)
         self.generator = make_generator(self.params, device)
         self.finish_reason: FinishReason | None = None
+        self.ngrams: NgramIndex | None = None  # built on the first draft (most sequences never draft)
+        self.draft_len: int | None = None  # how many tokens to draft next (follows what was accepted)
 
     @property
     def request_id(self) -> str:
@@ -43,6 +46,32 @@ class Sequence:
     def prefilled(self) -> bool:
         """The whole prompt is cached: from now on it decodes one token per step."""
         return self.num_cached >= self.prompt_len
+
+    @property
+    def can_speculate(self) -> bool:
+        """Drafts are checked against greedy choices of unprocessed logits, one token each."""
+        p = self.params
+        return p.greedy and p.logprobs is None and not p.processes_logits
+
+    def propose_draft(self, max_len: int) -> list[int]:
+        """Up to `max_len` tokens guessed from this sequence's own past (see speculation.py),
+        never more than its max_tokens or its reserved KV slots can take."""
+        room = min(self.params.max_tokens - len(self.output_ids) - 1, self.max_len - self.total_len)
+        if self.draft_len is None:
+            self.draft_len = max_len
+        k = min(self.draft_len, max_len, room)
+        if k <= 0:
+            return []
+        if self.ngrams is None:
+            self.ngrams = NgramIndex()
+            self.ngrams.extend(self.prompt_ids)
+        done = len(self.ngrams.tokens) - self.prompt_len
+        self.ngrams.extend(self.output_ids[done:])
+        return self.ngrams.propose(k)
+
+    def record_draft(self, proposed: int, accepted: int, max_len: int) -> None:
+        """Draft longer after a draft was taken whole, as long as the part taken after one was not."""
+        self.draft_len = min(max_len, proposed + 1) if accepted == proposed else max(1, accepted)
 
     def output(self, text: str, token_ids: list[int]) -> SequenceOutput:
         return SequenceOutput(

@@ -1,0 +1,51 @@
+"""Prompt-lookup speculative decoding: drafts a sequence's next tokens from its own past.
+
+Text often repeats itself: an answer quotes its prompt, code is edited in place, a list
+repeats its pattern, a small model loops. When the last few tokens of a sequence occurred
+before, what followed them then is a cheap guess of what follows now (vLLM's "ngram"
+method, TGI's `--speculate`). The engine checks a draft of k tokens in the same forward
+as the row's next token (k + 1 query tokens over its cached past) and keeps the longest
+prefix the model itself would have chosen greedily, plus the model's token after it: the
+same tokens as one per step, in fewer steps. On a CPU at batch 1 a forward of 4 tokens
+costs ~1.25x one of 1 token (measured 39.9 vs 32.4 ms), so each accepted token is nearly free.
+"""
+
+from __future__ import annotations
+
+MIN_NGRAM = 2  # a single repeated token is too weak a signal: most of its drafts were rejected
+MAX_NGRAM = 3
+
+
+class NgramIndex:
+    """For each n-gram of a token sequence (n in [MIN_NGRAM, MAX_NGRAM]), where its latest
+    occurrence with a known continuation ends. Extended incrementally: O(1) per new token."""
+
+    __slots__ = ("tokens", "_follows")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self._follows: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
+
+    def extend(self, tokens: list[int]) -> None:
+        seq, follows = self.tokens, self._follows
+        for token in tokens:
+            end = len(seq)
+            for n in range(MIN_NGRAM, min(MAX_NGRAM, end) + 1):
+                follows[tuple(seq[end - n:end])] = end
+            seq.append(token)
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens that followed the longest earlier occurrence of the current suffix.
+        A continuation that runs into the present repeats itself (a loop of period p keeps
+        its period), so short loops still give full drafts."""
+        seq = self.tokens
+        end = len(seq)
+        for n in range(min(MAX_NGRAM, end), MIN_NGRAM - 1, -1):
+            start = self._follows.get(tuple(seq[end - n:]))
+            if start is not None:
+                draft: list[int] = []
+                for i in range(k):  # past the present, the draft continues from itself
+                    j = start + i
+                    draft.append(seq[j] if j < end else draft[j - end])
+                return draft
+        return []

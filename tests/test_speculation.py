@@ -1,0 +1,208 @@
+"""Prompt-lookup speculative decoding: the drafts, and that checking them changes no token."""
+
+import random
+
+import pytest
+import torch
+
+from serve_app.engine.speculation import NgramIndex
+from serve_app.engine.types import GenerationRequest, SamplingParams
+from tests.test_engine import run
+
+# Prompts that repeat themselves (drafts get proposed and kept) and one that does not.
+PROMPTS = ["one two three four one two three four one two three four one two",
+           "a b a b a b a b a b a b a b",
+           "The quick brown fox jumps over the lazy dog while serving models"]
+
+
+def index(tokens):
+    ngrams = NgramIndex()
+    ngrams.extend(tokens)
+    return ngrams
+
+
+def test_a_draft_is_what_followed_the_latest_earlier_occurrence_of_the_suffix():
+    assert index([1, 2, 3, 9, 1, 2]).propose(3) == [3, 9, 1]
+    assert index([1, 2, 3, 1, 2, 4, 1, 2]).propose(1) == [4]  # the latest occurrence wins
+    assert index([7, 1, 2, 3, 8, 1, 2, 3]).propose(2) == [8, 1]  # the longest n-gram (3) is tried first
+
+
+def test_a_loop_gives_full_drafts_and_no_match_gives_none():
+    assert index([5, 7, 8, 7, 8]).propose(5) == [7, 8, 7, 8, 7]  # continues past the present, same period
+    assert index([1, 2, 3, 4]).propose(4) == []
+    assert index([3, 3]).propose(2) == []  # shorter than the shortest n-gram with a continuation
+
+
+def test_the_index_grows_with_the_sequence():
+    ngrams = index([1, 2, 3])
+    assert ngrams.propose(2) == []
+    ngrams.extend([4, 1, 2])
+    assert ngrams.propose(2) == [3, 4]
+
+
+def greedy(rid, ids, n=40, **kw):
+    return GenerationRequest(request_id=rid, prompt_token_ids=ids,
+                             params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw))
+
+
+def tokens_of(result):
+    return {rid: v[1] for rid, v in result.items()}
+
+
+@pytest.fixture
+def encode(lively_model):
+    return lambda text: lively_model[1](text)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def looping_engine_factory(lively_model):
+    """Engines on a random Llama (smaller init than lively_model's) whose greedy output falls
+    into loops of varied period and breaks out of them: drafts get kept and rejected."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from serve_app.engine.batch_engine import BatchEngine
+    from serve_app.engine.loading import eos_token_ids
+
+    tokenizer = lively_model[1]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+
+    def make(max_batch_size: int = 8, **kw) -> BatchEngine:
+        return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), max_batch_size, 2048, **kw)
+
+    return make
+
+
+@pytest.mark.parametrize("model", ["looping", "lively"])
+def test_speculation_gives_the_same_tokens(looping_engine_factory, tiny_engine_factory, encode, model):
+    factory = looping_engine_factory if model == "looping" else tiny_engine_factory
+    plain = factory(num_speculative_tokens=0)
+    spec = factory(num_speculative_tokens=4, speculative_max_rows=1)
+    for i, text in enumerate(PROMPTS):
+        req = greedy(str(i), encode(text))
+        assert tokens_of(run(spec, [req])) == tokens_of(run(plain, [req])), text
+    assert spec.draft_tokens > spec.accepted_draft_tokens  # some drafts were rejected
+    if model == "looping":
+        assert spec.accepted_draft_tokens > 0
+
+
+def test_a_looping_sequence_finishes_in_fewer_steps(looping_engine_factory, encode):
+    engine = looping_engine_factory(num_speculative_tokens=4, speculative_max_rows=1)
+    engine.add(greedy("r", encode(PROMPTS[1]), n=60))
+    steps = 0
+    while engine.has_work:
+        engine.step()
+        steps += 1
+    assert steps < 40
+
+
+def test_speculating_batches_match_plain_ones_with_rows_joining_and_finishing(looping_engine_factory, encode):
+    reqs = [greedy(str(i), encode(t), n=8 + 11 * i) for i, t in enumerate(PROMPTS * 2)]
+    plain = tokens_of(run(looping_engine_factory(num_speculative_tokens=0), reqs))
+    spec = looping_engine_factory(num_speculative_tokens=4, speculative_max_rows=8)
+    assert tokens_of(run(spec, reqs)) == plain
+    assert spec.accepted_draft_tokens > 0
+
+
+def test_drafts_end_at_max_tokens_stop_strings_and_eos(looping_engine_factory, encode, lively_model):
+    plain = looping_engine_factory(num_speculative_tokens=0)
+    spec = looping_engine_factory(num_speculative_tokens=8, speculative_max_rows=1)
+    ids = encode(PROMPTS[1])
+    for n in (1, 2, 3, 5, 9):  # a draft never overshoots max_tokens
+        a, b = run(plain, [greedy("n", ids, n=n)]), run(spec, [greedy("n", ids, n=n)])
+        assert a["n"][1] == b["n"][1] and len(b["n"][1]) == n and b["n"][2].finish_reason == "length"
+    text = run(plain, [greedy("t", ids, n=30)])["t"][0]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    a, b = run(plain, [greedy("s", ids, n=30, stop=[stop])]), run(spec, [greedy("s", ids, n=30, stop=[stop])])
+    assert (a["s"][0], a["s"][2].finish_reason) == (b["s"][0], b["s"][2].finish_reason) == (a["s"][0], "stop")
+    # EOS inside a kept draft ends the sequence there (the model's eos is one of the tokens it repeats).
+    eos = lively_model[1].eos_token_id
+    looping = [5, 6, eos, 7] * 4
+    for engine in (plain, spec):
+        out = run(engine, [GenerationRequest(request_id="e", prompt_token_ids=looping,
+                                             params=SamplingParams(max_tokens=40, temperature=0))])
+        assert out["e"][2].finish_reason in ("stop", "length")
+    assert run(plain, [GenerationRequest(request_id="e", prompt_token_ids=looping,
+                                         params=SamplingParams(max_tokens=40, temperature=0))])["e"][1] == \
+        run(spec, [GenerationRequest(request_id="e", prompt_token_ids=looping,
+                                     params=SamplingParams(max_tokens=40, temperature=0))])["e"][1]
+
+
+def test_sampled_rows_and_logprob_rows_decode_one_token_per_step(looping_engine_factory, encode):
+    engine = looping_engine_factory(num_speculative_tokens=4, speculative_max_rows=8)
+    ids = encode(PROMPTS[1])
+    run(engine, [GenerationRequest(request_id="s", prompt_token_ids=ids,
+                                   params=SamplingParams(max_tokens=30, temperature=0.8, seed=1, ignore_eos=True)),
+                 greedy("l", ids, n=30, logprobs=2), greedy("p", ids, n=30, repetition_penalty=1.2)])
+    assert engine.draft_tokens == 0
+    # Seeded sampling is unaffected by a greedy neighbour that speculates.
+    sampled = GenerationRequest(request_id="s", prompt_token_ids=ids,
+                                params=SamplingParams(max_tokens=30, temperature=0.8, seed=1, ignore_eos=True))
+    alone = run(engine, [sampled])["s"][1]
+    assert run(engine, [sampled, greedy("g", ids)])["s"][1] == alone
+    assert engine.draft_tokens > 0
+
+
+def test_no_drafts_while_a_prompt_waits_or_above_the_row_limit(looping_engine_factory, encode):
+    engine = looping_engine_factory(num_speculative_tokens=4, speculative_max_rows=2)
+    ids = encode(PROMPTS[1])
+    for i in range(3):
+        engine.add(greedy(str(i), ids))
+    while engine.has_work:
+        engine.step()
+    assert engine.draft_tokens == 0  # three rows decoding together, the limit is two
+    engine.add(greedy("a", ids, n=60))
+    for _ in range(30):  # alone: it drafts once its output starts looping
+        engine.step()
+        if engine.draft_tokens:
+            break
+    before = engine.draft_tokens
+    assert before > 0
+    engine.add(greedy("b", encode(PROMPTS[2] * 8)))  # its prompt is prefilled over several steps
+    engine.scheduler.token_budget = engine.scheduler.max_num_batched_tokens = 16
+    engine.step()
+    assert engine.draft_tokens == before  # the prompt's step carries no drafts
+
+
+def test_budget_holds_and_blocks_return_with_drafts_and_cancellations(looping_engine_factory):
+    engine = looping_engine_factory(max_batch_size=4, num_speculative_tokens=6, speculative_max_rows=4,
+                                 max_num_batched_tokens=16, kv_cache_tokens=1024)
+    free = engine.cache.num_free_blocks
+    rng = random.Random(0)
+    loop = [rng.randrange(5, 200) for _ in range(4)]
+    for i in range(150):
+        ids = loop * rng.randint(1, 6) if i % 2 else [rng.randrange(5, 200) for _ in range(rng.randint(1, 30))]
+        engine.add(greedy(str(i), ids, n=rng.randint(1, 24)))
+        if rng.random() < 0.2:
+            engine.cancel(str(rng.randrange(i + 1)))
+        for _ in range(rng.randint(0, 3)):
+            engine.step()
+            assert engine.last_step_tokens <= 16
+    while engine.has_work:
+        engine.step()
+        assert engine.last_step_tokens <= 16
+    assert engine.cache.num_free_blocks == free
+    assert engine.accepted_draft_tokens > 0
+
+
+def test_kept_drafts_leave_the_same_cache_a_plain_run_does(looping_engine_factory, encode):
+    """A later token attends to kept drafts' keys: they must equal one-token-per-step keys."""
+    ids = encode(PROMPTS[1])
+    engines = [looping_engine_factory(num_speculative_tokens=k, speculative_max_rows=1) for k in (0, 4)]
+    for engine in engines:
+        engine.add(greedy("c", ids, n=60))
+        while not engine.running or len(engine.running[0].output_ids) < 20:
+            engine.step()
+    assert engines[1].accepted_draft_tokens > 0
+    a, b = (e.running[0] for e in engines)
+    n = min(a.num_cached, b.num_cached)
+    slots = [e.cache.slots("c", 0, n) for e in engines]
+    for layer in range(len(engines[0].cache.keys)):
+        ka, kb = (e.cache.flat(e.cache.keys[layer])[s] for e, s in zip(engines, slots))
+        torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-4)
