@@ -75,6 +75,10 @@ SCENARIOS = [
     ("poisson 0.6/s", dict(workload=Workload(128, mixed_output=MIXED, seed=5), num_requests=24, request_rate=0.6)),
     ("poisson 0.9/s", dict(workload=Workload(128, mixed_output=MIXED, seed=6), num_requests=24, request_rate=0.9)),
     ("concurrency 1", dict(workload=Workload(128, 128), num_requests=4, concurrency=1)),
+    # One user chatting: text that repeats itself less than the word-salad prompts above (whose
+    # greedy continuations loop, which speculative decoding exploits).
+    ("concurrency 1, chat, natural stops", dict(workload=Workload(chat=True, output_tokens=256, natural_stops=True,
+                                                                  seed=7), num_requests=6, concurrency=1)),
     ("wave c=32 (all at once)", dict(workload=Workload(128, 128), num_requests=32, concurrency=32)),
 ]
 QUICK = ("closed loop c=32, mixed lengths", "concurrency 1", "wave c=32 (all at once)")
@@ -181,6 +185,8 @@ def main() -> None:
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
     p.add_argument("--dtype", default="auto", choices=get_args(AppArgs.model_fields["dtype"].annotation),
                    help="weights and activations, for the server, the offline limit and the naive server alike")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="AppArgs.num_speculative_tokens (0 = no speculative decoding)")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--no-metrics", action="store_true", help="serve with metrics: false (measures their cost)")
     p.add_argument("--with-transformers-serve", action="store_true",
@@ -197,6 +203,8 @@ def main() -> None:
         server_args["step_time_target_s"] = a.step_time_target_s
     if a.no_metrics:
         server_args["metrics"] = False
+    if a.num_speculative_tokens is not None:
+        server_args["num_speculative_tokens"] = a.num_speculative_tokens
     if a.dtype != "auto":
         server_args["dtype"] = a.dtype
     print(f"benchmark: {a.model}, server args {server_args}", flush=True)

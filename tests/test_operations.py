@@ -83,6 +83,20 @@ def test_counters_and_histograms_move_by_the_requests_served(ops_app, metrics_ur
         assert f"{gauge}{{" in after, gauge
 
 
+def test_speculative_drafts_are_counted(ops_app, metrics_url):
+    """The built-in tiny model repeats itself: a greedy stream gets drafts, and most are kept."""
+    before = scrape(metrics_url)
+    body = {"model": TINY, "prompt": "spec", "max_tokens": 32, "ignore_eos": True, "temperature": 0}
+    r = requests.post(f"{ops_app}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 32
+    name = "ray_vllm_spec_decode_num_accepted_tokens_total"
+    after = wait_for(metrics_url, name, value(before, name) + 1)
+    drafted = value(after, "ray_vllm_spec_decode_num_draft_tokens_total") - value(
+        before, "ray_vllm_spec_decode_num_draft_tokens_total")
+    accepted = value(after, name) - value(before, name)
+    assert 0 < accepted <= drafted
+
+
 def test_a_request_id_comes_back_and_is_in_every_log_of_the_graph(ops_app):
     rid = f"trace-{uuid.uuid4().hex[:12]}"
     r = requests.post(f"{ops_app}/v1/completions", json={"model": TINY, "prompt": "id", "max_tokens": 2},
