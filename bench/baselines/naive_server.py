@@ -26,25 +26,45 @@ class Completion(BaseModel):
     ignore_eos: bool = False
 
 
+class ChatCompletion(BaseModel):
+    model: str
+    messages: list[dict]
+    max_tokens: int = 16
+    temperature: float = 0.0
+    stream: bool = False
+    ignore_eos: bool = False
+
+
 def build(model_name: str, dtype: str = "auto") -> FastAPI:
     model, tokenizer = load_model(model_name, dtype)
     app = FastAPI()
 
-    @app.post("/v1/completions")
-    async def completions(req: Completion) -> dict:
+    def generate(ids: dict, req) -> tuple[str, dict]:
         # As in the seed document: `async def` calling generate blocks the event loop,
         # so requests are served strictly one at a time.
-        ids = tokenizer(req.prompt, return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=req.max_tokens, do_sample=False,
                                  min_new_tokens=req.max_tokens if req.ignore_eos else 0,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         new = out[0, ids["input_ids"].shape[1]:]
+        usage = {"prompt_tokens": ids["input_ids"].shape[1], "completion_tokens": len(new),
+                 "total_tokens": ids["input_ids"].shape[1] + len(new)}
+        return tokenizer.decode(new, skip_special_tokens=True), usage
+
+    @app.post("/v1/completions")
+    async def completions(req: Completion) -> dict:
+        text, usage = generate(tokenizer(req.prompt, return_tensors="pt"), req)
         return {"object": "text_completion", "model": req.model,
-                "choices": [{"index": 0, "text": tokenizer.decode(new, skip_special_tokens=True),
-                             "finish_reason": "length"}],
-                "usage": {"prompt_tokens": ids["input_ids"].shape[1], "completion_tokens": len(new),
-                          "total_tokens": ids["input_ids"].shape[1] + len(new)}}
+                "choices": [{"index": 0, "text": text, "finish_reason": "length"}], "usage": usage}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletion) -> dict:
+        ids = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        text, usage = generate(ids, req)
+        return {"object": "chat.completion", "model": req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "stop"}], "usage": usage}
 
     @app.get("/health")
     def health() -> dict:
