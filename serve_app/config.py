@@ -98,11 +98,12 @@ class AppArgs(BaseModel):
         "prompt tokens) and grows it back by a quarter per step that did not. Default: a fixed budget.",
     )
     num_speculative_tokens: int = Field(
-        4, ge=0, le=16, description="Prompt-lookup speculative decoding: when a greedy stream's last tokens "
-        "occurred earlier in its prompt or output, the engine checks up to this many of the tokens that "
-        "followed them in the same forward as its next token and keeps those the model agrees with (same "
-        "tokens, fewer steps: 2.5x faster at batch 1 on repetitive text, unchanged on text that does not "
-        "repeat). Sampled streams and those asking for logprobs or penalties decode one token per step. 0 = off.",
+        4, ge=0, le=16, description="Prompt-lookup speculative decoding: when a stream's last tokens occurred "
+        "earlier in its prompt or output, the engine checks up to this many of the tokens that followed them "
+        "in the same forward as its next token and keeps those the model's own draws agree with (same greedy "
+        "tokens or the same sampling distribution, fewer steps: 2.5x faster at batch 1 on repetitive text, "
+        "unchanged on text that does not repeat). Streams with a seed, logprobs or penalties decode one "
+        "token per step. 0 = off.",
     )
     speculative_max_rows: int = Field(
         8, ge=1, description="Draft only while at most this many sequences are decoding: beyond that a step "

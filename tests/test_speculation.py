@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from serve_app.engine.speculation import NgramIndex
+from serve_app.engine.speculation import NgramIndex, check_drafts
 from serve_app.engine.types import GenerationRequest, SamplingParams
 from tests.test_engine import run
 
@@ -134,7 +134,7 @@ def test_drafts_end_at_max_tokens_stop_strings_and_eos(looping_engine_factory, e
                                      params=SamplingParams(max_tokens=40, temperature=0))])["e"][1]
 
 
-def test_sampled_rows_and_logprob_rows_decode_one_token_per_step(looping_engine_factory, encode):
+def test_seeded_logprob_and_penalty_rows_decode_one_token_per_step(looping_engine_factory, encode):
     engine = looping_engine_factory(num_speculative_tokens=4, speculative_max_rows=8)
     ids = encode(PROMPTS[1])
     run(engine, [GenerationRequest(request_id="s", prompt_token_ids=ids,
@@ -206,3 +206,45 @@ def test_kept_drafts_leave_the_same_cache_a_plain_run_does(looping_engine_factor
     for layer in range(len(engines[0].cache.keys)):
         ka, kb = (e.cache.flat(e.cache.keys[layer])[s] for e, s in zip(engines, slots))
         torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-4)
+
+
+def test_sampled_rows_speculate(looping_engine_factory, encode):
+    ids = encode(PROMPTS[1])
+    engine = looping_engine_factory(num_speculative_tokens=4, speculative_max_rows=8)
+    run(engine, [GenerationRequest(request_id=str(i), prompt_token_ids=ids,
+                                   params=SamplingParams(max_tokens=16, temperature=0.1, ignore_eos=True))
+                 for i in range(8)])
+    assert 0 < engine.accepted_draft_tokens < engine.draft_tokens
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_checking_a_draft_keeps_the_sampling_distribution(top_p):
+    """20,000 rows with the draft [1]: the first token must follow position 0's (filtered)
+    distribution, and the token after a kept draft position 1's, as one draw per step would."""
+    p0, p1 = torch.tensor([0.5, 0.3, 0.15, 0.05]), torch.tensor([0.1, 0.2, 0.3, 0.4])
+    n = 20_000
+    logits = torch.stack([p0.log(), p1.log()] * n)
+    params = [SamplingParams(temperature=1.0, top_p=top_p)] * n
+    generators = [torch.Generator().manual_seed(i) for i in range(n)]
+    emitted = check_drafts(logits, [[1]] * n, params, generators)
+
+    def filtered(p):  # top-p as the sampler applies it: drop a token once the mass before it reaches top_p
+        sorted_p, order = p.sort(descending=True)
+        keep = torch.zeros_like(p)
+        keep[order] = ((sorted_p.cumsum(0) - sorted_p) < top_p).float()
+        return p * keep / (p * keep).sum()
+
+    first = torch.bincount(torch.tensor([e[0] for e in emitted]), minlength=4) / n
+    torch.testing.assert_close(first, filtered(p0), atol=0.02, rtol=0)
+    kept = [e for e in emitted if e[0] == 1]
+    assert all(len(e) == 2 for e in kept) and all(len(e) == 1 for e in emitted if e[0] != 1)
+    second = torch.bincount(torch.tensor([e[1] for e in kept]), minlength=4) / len(kept)
+    torch.testing.assert_close(second, filtered(p1), atol=0.03, rtol=0)
+
+
+def test_checking_a_greedy_draft_keeps_the_argmax_prefix():
+    logits = torch.eye(5)[[2, 3, 0, 4]].float()  # the argmax at the four positions: 2, 3, 0, 4
+    greedy = SamplingParams(temperature=0)
+    assert check_drafts(logits, [[2, 3, 0]], [greedy], [None]) == [[2, 3, 0, 4]]  # all kept + the bonus
+    assert check_drafts(logits, [[2, 1, 0]], [greedy], [None]) == [[2, 3]]  # kept up to the mismatch
+    assert check_drafts(logits[:2], [[4]], [greedy], [None]) == [[2]]

@@ -24,6 +24,7 @@ from serve_app.engine.paged_attention import (
 from serve_app.engine.sampling import process_logits, sample_next_tokens, token_logprobs
 from serve_app.engine.scheduler import MIN_PREFILL, ScheduledStep, Scheduler
 from serve_app.engine.sequence import Sequence
+from serve_app.engine.speculation import check_drafts
 from serve_app.engine.types import GenerationRequest, SequenceOutput
 
 DEFAULT_BLOCK_SIZE = 16
@@ -224,23 +225,19 @@ class BatchEngine:
         return outputs
 
     def _verify_drafts(self, drafts: list[tuple[Sequence, list[int]]], logits: torch.Tensor) -> list[SequenceOutput]:
-        """Keep each draft's longest prefix that matches the greedy choices at its positions,
-        then the greedy choice after it (1 to k + 1 tokens per row)."""
+        """Emit what each drafted row keeps (speculation.check_drafts: 1 to k + 1 tokens)."""
         if not drafts:
             return []
-        choices = logits.argmax(dim=-1).tolist()
-        outputs, row = [], 0
-        for seq, draft in drafts:
-            chosen = choices[row:row + 1 + len(draft)]
-            row += 1 + len(draft)
-            kept = 0
-            while kept < len(draft) and draft[kept] == chosen[kept]:
-                kept += 1
+        seqs = [seq for seq, _ in drafts]
+        emitted = check_drafts(logits, [d for _, d in drafts], [s.params for s in seqs], [s.generator for s in seqs])
+        outputs = []
+        for (seq, draft), tokens in zip(drafts, emitted):
+            kept = len(tokens) - 1
             self.draft_tokens += len(draft)
             self.accepted_draft_tokens += kept
             seq.record_draft(len(draft), kept, self.scheduler.num_speculative_tokens)
             seq.num_cached += kept  # the kept drafts' keys/values are right; the rest get overwritten
-            outputs.append(self._emit(seq, chosen[:kept + 1]))
+            outputs.append(self._emit(seq, tokens))
         return outputs
 
     def _emit(self, seq: Sequence, tokens: list[int | Exception]) -> SequenceOutput:

@@ -49,9 +49,12 @@ class Sequence:
 
     @property
     def can_speculate(self) -> bool:
-        """Drafts are checked against greedy choices of unprocessed logits, one token each."""
+        """Drafts are checked against tokens drawn from each position's own distribution
+        (see BatchEngine._verify_drafts). Not for rows whose logits depend on the tokens
+        before them (penalties), that report logprobs, or whose seed must replay the same
+        draws in any batch (a checked draft consumes one draw per drafted position)."""
         p = self.params
-        return p.greedy and p.logprobs is None and not p.processes_logits
+        return (p.greedy or p.seed is None) and p.logprobs is None and not p.processes_logits
 
     def propose_draft(self, max_len: int) -> list[int]:
         """Up to `max_len` tokens guessed from this sequence's own past (see speculation.py),
