@@ -34,7 +34,8 @@ def test_grafana_dashboard_queries_our_metrics():
                    "ray_vllm_inter_token_latency_seconds_bucket", "ray_vllm_e2e_request_latency_seconds_bucket",
                    "ray_vllm_request_queue_time_seconds_bucket", "ray_vllm_generation_tokens_total",
                    "ray_vllm_request_success_total", "ray_serve_app_request_errors_total",
-                   "ray_vllm_kv_cache_usage_perc", "ray_vllm_iteration_tokens_total_bucket"):
+                   "ray_vllm_kv_cache_usage_perc", "ray_vllm_iteration_tokens_total_bucket",
+                   "ray_vllm_spec_decode_num_accepted_tokens_total"):
         assert metric in exprs, metric
 
 
