@@ -6,7 +6,7 @@ row, runs one forward pass with the paged attention of `paged_attention`,
 samples a token for every sequence that reached the end of its prompt, and
 retires finished or cancelled sequences (their KV blocks return at once). A
 decoding row with a speculative draft (speculation.py) runs as a chunk of its
-last token + the draft and keeps the part of the draft its greedy choices agree with.
+last token + the draft and keeps the part of the draft that its own draws agree with.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ class NgramIndex:
     """For each n-gram of a token sequence (n in [MIN_NGRAM, MAX_NGRAM]), where its latest
     occurrence with a known continuation ends. Extended incrementally: O(1) per new token."""
 
-    __slots__ = ("tokens", "_follows")
+    __slots__ = ("_follows", "tokens")
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
