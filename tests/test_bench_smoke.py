@@ -53,3 +53,12 @@ def test_loadgen_chat_with_natural_stops_and_long_prompts(server):
     assert min(sizes) == 16 and max(sizes) >= 300
     report = asyncio.run(run_load(server, TINY, long, 4, concurrency=2))
     assert report["completed"] == 4 and report["itl_max_s"] is not None
+
+
+def test_speculation_bench_runs_both_engines_to_the_same_tokens(tiny_engine_factory, lively_model):
+    from bench.speculation import run
+
+    prompts = [lively_model[1](p)["input_ids"] for p in ("a b a b a b a b", "hello world")]
+    results = [run(tiny_engine_factory(num_speculative_tokens=k), prompts, 12, True) for k in (0, 4)]
+    assert all(rate > 0 for rate, _ in results)
+    assert results[0][1] == results[1][1] and all(len(t) == 12 for t in results[0][1])
