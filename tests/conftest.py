@@ -27,30 +27,27 @@ def tiny_model():
     return load_model(TINY)
 
 
-@pytest.fixture(scope="session")
-def lively_model(tiny_model):
-    """The tiny model's tokenizer with a random Llama whose greedy output varies from token to
-    token (larger init than the built-in one, whose output repeats): equality tests can fail."""
+def random_llama(tokenizer, initializer_range: float):
+    """A 2-layer random Llama over `tokenizer` (4 heads, 2 KV heads); its init scale decides how
+    its greedy output behaves (see lively_model and test_speculation's looping model)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = tiny_model[1]
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        initializer_range=initializer_range,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_engine_factory(lively_model):
+def engine_factory(model, tokenizer):
+    """make(max_batch_size, max_model_len, **BatchEngine kwargs) -> a BatchEngine on this model."""
     from serve_app.engine.batch_engine import BatchEngine
     from serve_app.engine.loading import eos_token_ids
-
-    model, tokenizer = lively_model
 
     def make(max_batch_size: int = 8, max_model_len: int = 2048, **kw) -> BatchEngine:
         # As served (AppArgs' defaults): engine tests check that speculation changes no token.
@@ -59,6 +56,19 @@ def tiny_engine_factory(lively_model):
         return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), max_batch_size, max_model_len, **kw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def lively_model(tiny_model):
+    """The tiny model's tokenizer with a random Llama whose greedy output varies from token to
+    token (larger init than the built-in one, whose output repeats): equality tests can fail."""
+    tokenizer = tiny_model[1]
+    return random_llama(tokenizer, 0.3), tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_factory(lively_model):
+    return engine_factory(*lively_model)
 
 
 @pytest.fixture(scope="session")

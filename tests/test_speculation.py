@@ -7,6 +7,7 @@ import torch
 
 from serve_app.engine.speculation import NgramIndex, check_drafts
 from serve_app.engine.types import GenerationRequest, SamplingParams
+from tests.conftest import engine_factory, random_llama
 from tests.test_engine import run
 
 # Prompts that repeat themselves (drafts get proposed and kept) and one that does not.
@@ -58,25 +59,8 @@ def encode(lively_model):
 def looping_engine_factory(lively_model):
     """Engines on a random Llama (smaller init than lively_model's) whose greedy output falls
     into loops of varied period and breaks out of them: drafts get kept and rejected."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from serve_app.engine.batch_engine import BatchEngine
-    from serve_app.engine.loading import eos_token_ids
-
     tokenizer = lively_model[1]
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.1,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-
-    def make(max_batch_size: int = 8, **kw) -> BatchEngine:
-        return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), max_batch_size, 2048, **kw)
-
-    return make
+    return engine_factory(random_llama(tokenizer, 0.1), tokenizer)
 
 
 @pytest.mark.parametrize("model", ["looping", "lively"])

@@ -17,29 +17,27 @@ from pydantic import BaseModel
 from serve_app.engine.loading import load_model
 
 
-class Completion(BaseModel):
+class Generation(BaseModel):
     model: str
+    max_tokens: int = 16
+    temperature: float = 0.0
+    stream: bool = False
+    ignore_eos: bool = False
+
+
+class Completion(Generation):
     prompt: str
-    max_tokens: int = 16
-    temperature: float = 0.0
-    stream: bool = False
-    ignore_eos: bool = False
 
 
-class ChatCompletion(BaseModel):
-    model: str
+class ChatCompletion(Generation):
     messages: list[dict]
-    max_tokens: int = 16
-    temperature: float = 0.0
-    stream: bool = False
-    ignore_eos: bool = False
 
 
 def build(model_name: str, dtype: str = "auto") -> FastAPI:
     model, tokenizer = load_model(model_name, dtype)
     app = FastAPI()
 
-    def generate(ids: dict, req) -> tuple[str, dict]:
+    def generate(ids: dict, req: Generation) -> tuple[str, dict]:
         # As in the seed document: `async def` calling generate blocks the event loop,
         # so requests are served strictly one at a time.
         with torch.inference_mode():

@@ -50,7 +50,7 @@ class Sequence:
     @property
     def can_speculate(self) -> bool:
         """Drafts are checked against tokens drawn from each position's own distribution
-        (see BatchEngine._verify_drafts). Not for rows whose logits depend on the tokens
+        (see speculation.check_drafts). Not for rows whose logits depend on the tokens
         before them (penalties), that report logprobs, or whose seed must replay the same
         draws in any batch (a checked draft consumes one draw per drafted position)."""
         p = self.params
