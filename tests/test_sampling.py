@@ -87,3 +87,31 @@ def test_a_seeded_row_draws_the_same_alone_or_in_any_batch():
     together = sample_next_tokens(logits, params, gens())
     alone = [sample_next_tokens(logits[i:i + 1], [params[i]], [gens()[i]])[0] for i in range(5)]
     assert together == alone
+
+
+def test_inverse_cdf_picks_the_crossing_column_and_never_a_zero_one():
+    """The searched column, except where rounding puts the target at the row's total mass:
+    then the last nonzero column (a row of zeros gives column 0, as before)."""
+    probs = torch.tensor([[0.2, 0.0, 0.3, 0.5, 0.0, 0.0],
+                          [0.2, 0.0, 0.3, 0.5, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.7, 0.0, 0.3, 0.0]])
+    largest_below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    uniform = torch.tensor([0.3, 1.0, 0.5, largest_below_one])
+    assert sampling.inverse_cdf(probs, uniform).tolist() == [2, 3, 0, 4]
+
+
+def test_inverse_cdf_equals_the_full_vocabulary_rule_on_random_rows():
+    def reference(probs, uniform):  # every row clamped to its last nonzero column
+        cdf = probs.cumsum(dim=-1)
+        found = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        return torch.minimum(found, (probs > 0).cumsum(dim=-1).argmax(dim=-1))
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        vocab = int(torch.randint(2, 40, (1,), generator=g))
+        probs = torch.rand(8, vocab, generator=g)
+        probs[torch.rand(8, vocab, generator=g) < 0.5] = 0
+        uniform = torch.rand(8, generator=g)
+        uniform[0], uniform[1] = 0.0, 1.0
+        assert torch.equal(sampling.inverse_cdf(probs, uniform), reference(probs, uniform))
