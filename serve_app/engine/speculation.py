@@ -7,8 +7,11 @@ method, TGI's `--speculate`). The engine checks a draft of k tokens in the same 
 as the row's next token (k + 1 query tokens over its cached past), draws a token at each
 position as decoding one at a time would (greedy: the argmax), and keeps the draft while it
 matches those draws, plus the first draw that did not: the same tokens (greedy) or the same
-distribution (sampled) as one per step, in fewer steps. On a CPU at batch 1 a forward of 4 tokens
-costs ~1.25x one of 1 token (measured 39.9 vs 32.4 ms), so each accepted token is nearly free.
+distribution (sampled) as one per step, in fewer steps. On a CPU at batch 1 the forward is
+bound by reading the weights: 2 or 3 tokens cost 1.06x / 1.13x one token, 4 and 5 tokens 1.5x /
+1.75x (MKL's matrix product leaves its matrix-vector path at 4 rows; SmolLM2-135M, 2 cores:
+39.2, 41.6, 44.2, 59.7, 68.6 ms). A fully kept draft of 4 still wins (5 tokens for 1.75x), so
+drafts shrink as soon as part of one is rejected (Sequence.record_draft).
 """
 
 from __future__ import annotations
