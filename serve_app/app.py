@@ -40,13 +40,14 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
         # Batches are bounded by the router; Serve's per-replica cap must not add a second queue.
         max_ongoing_requests=4 * args.max_queue_len + 64,
         request_router_config=RequestRouterConfig(request_router_class=ModelReplicaRequestRouter),
-        health_check_period_s=10,
+        health_check_period_s=args.health_check_period_s,
     ).bind(plain)
     router = Router.options(
         ray_actor_options={"num_cpus": args.router_num_cpus},
         num_replicas=args.router_replicas,
         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
         max_ongoing_requests=4 * args.max_queue_len + 64,
+        health_check_period_s=args.health_check_period_s,
         # A lease goes back to the Router replica that granted it.
         request_router_config=RequestRouterConfig(request_router_class=PinnedReplicaRequestRouter),
     ).bind(replica, plain)
@@ -56,4 +57,5 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
         # Serve's default is 20 s: a redeploy would cut every longer stream.
         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
         max_ongoing_requests=4 * args.max_queue_len + 64,
+        health_check_period_s=args.health_check_period_s,
     ).bind(router, replica, plain)

@@ -135,3 +135,22 @@ def test_killing_each_part_under_load_loses_no_request(chaos_app):
     assert cut <= WORKERS, report
     assert all(k in allowed or k in ("bare 500", "stream cut") or k.startswith("connection error")
                for k in ingress), report
+
+
+def test_a_dead_model_replica_leaves_the_routers_choices_within_seconds(chaos_app):
+    """Serve notices a dead replica at its next health check (`health_check_period_s`, 2 s by
+    default); until then a router may still place requests on it (the ingress then falls back
+    to a live replica). With Serve's 10 s default the routers kept it for 5-10 s."""
+    def running() -> int:  # the most any router sees
+        return requests.get(f"{chaos_app}/stats", timeout=30).json()["router"]["replicas"]
+
+    deadline = time.monotonic() + RECOVERY_S
+    while running() < 2:  # the earlier test's replacements are up
+        assert time.monotonic() < deadline, "the model replicas did not come back"
+        time.sleep(0.5)
+    kill_one("chaos", "ModelReplica")
+    killed = time.monotonic()
+    while running() == 2 and time.monotonic() - killed < 30:
+        time.sleep(0.1)
+    assert time.monotonic() - killed < 6
+    wait_until_serving(chaos_app)
