@@ -46,7 +46,7 @@ class Ingress:
         self.replicas = replicas
         self.frontend = OpenAIFrontend(self.args, tokenizer, self.max_model_len,
                                        RoutedBackend(router, replicas, self.args.retry_after_s,
-                                                     self.args.model_name))
+                                                     self.args.model_name, self.args.lease_timeout_s))
         # Validation, templating and tokenization run here, off the event loop: a 900 kB
         # prompt must not stall every other stream and /health of this ingress. One thread:
         # the tokenizer releases the GIL, and requests are prepared in arrival order.

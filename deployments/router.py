@@ -13,6 +13,7 @@ and together they never overfill a replica.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -47,7 +48,6 @@ class Router:
         # (routing_state.RUNNING_REPLICAS); this process never sends tokens through it.
         self._replicas = replicas.options()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        lease_timeout = self.args.request_timeout_s + 60 if self.args.request_timeout_s else None
         self.queue = AdmissionQueue(
             max_batch_size=self.args.max_batch_size,
             batch_wait_timeout_s=self.args.batch_wait_timeout_s,
@@ -55,7 +55,7 @@ class Router:
             slots_per_replica=max(1, math.ceil(self.args.max_batch_size / self.args.router_replicas)),
             replicas=lambda: routing_state.RUNNING_REPLICAS,
             retry_after_s=self.args.retry_after_s,
-            lease_timeout_s=lease_timeout,
+            lease_timeout_s=self.args.lease_timeout_s,
         )
 
     async def admit(self, num_sequences: int, key: str | None = None) -> tuple[str, int | str, str | None]:
@@ -73,6 +73,10 @@ class Router:
     def release(self, lease_id: int | str, replica_id: str | None = None) -> None:
         self.queue.release(lease_id)
         self._export_load()
+
+    def renew(self, lease_ids: list[int | str], replica_id: str | None = None) -> None:
+        """The ingress holding these leases is alive (see RoutedBackend._renew_leases)."""
+        self.queue.renew(lease_ids)
 
     def _export_load(self) -> None:
         self.metrics["queue_length"].set(self.queue.queue_length)
@@ -121,13 +125,16 @@ class RoutedBackend:
     """
 
     def __init__(self, router: DeploymentHandle, replicas: DeploymentHandle, retry_after_s: int = 1,
-                 model_name: str = ""):
+                 model_name: str = "", lease_timeout_s: float = 60.0):
         self.model_name = model_name
         self._router = router
         self._replicas = replicas
         self._streaming = replicas.options(stream=True)
         self._channels: dict[str, ReplicaChannel] = {}  # one per model replica, shared by all requests
         self.retry_after_s = retry_after_s
+        self._held: dict[int | str, str] = {}  # lease id -> the Router replica that granted it
+        self._renew_every_s = lease_timeout_s / 4
+        self._renewing: asyncio.Task | None = None
 
     async def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
         """Yield lists of outputs (one message per replica step) until every request has finished."""
@@ -150,6 +157,8 @@ class RoutedBackend:
 
     async def _stream_once(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
         router_id, lease_id, replica_id = await self._admit(len(requests))
+        self._held[lease_id] = router_id
+        self._start_renewing()
         try:
             if replica_id is not None:
                 async with aclosing(stream_via_channel(self._channels, self._replicas, replica_id,
@@ -165,8 +174,27 @@ class RoutedBackend:
             finally:
                 stream.cancel()  # no-op when finished; frees the rows when the reader left early
         finally:
+            self._held.pop(lease_id, None)
             # Fire and forget (never delays the caller), and not cancelled with a cancelled request.
             call_detached(self._router.release, lease_id, replica_id=router_id)
+
+    def _start_renewing(self) -> None:
+        if self._renewing is None or self._renewing.done():
+            # In an empty context: the loop belongs to no request, and no request's cancel stops it.
+            self._renewing = contextvars.Context().run(asyncio.get_running_loop().create_task,
+                                                       self._renew_leases())
+
+    async def _renew_leases(self) -> None:
+        """While this process holds leases, tell each Router it is alive, so that only the leases
+        of a process that died expire (after `lease_timeout_s`): one small call per router per
+        quarter of it, whatever the number of requests."""
+        while self._held:
+            await asyncio.sleep(self._renew_every_s)
+            by_router: dict[str, list[int | str]] = {}
+            for lease_id, router_id in self._held.items():
+                by_router.setdefault(router_id, []).append(lease_id)
+            for router_id, lease_ids in by_router.items():
+                call_detached(self._router.renew, lease_ids, replica_id=router_id)
 
     async def _admit(self, num_sequences: int):
         key = uuid.uuid4().hex

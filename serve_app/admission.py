@@ -15,8 +15,9 @@ straight from the replica it was given, then releases its lease.
 - A caller that leaves while queued is removed from the queue. One that leaves
   while its admission is answered (the grant is on the wire) `abandon`s its
   lease key: released if granted, removed if queued, refused if it arrives
-  later. A lease whose holder never releases it (the caller's process died)
-  expires after `lease_timeout_s`, so slots cannot leak.
+  later. Holders `renew` their leases while they run; a lease not renewed for
+  `lease_timeout_s` (its holder's process died) expires, so slots cannot leak
+  for longer than that.
 """
 
 from __future__ import annotations
@@ -131,6 +132,16 @@ class AdmissionQueue:
         self._abandoned = {k: t for k, t in self._abandoned.items() if t > now}
         self._abandoned[key] = now + 60  # its admit may still be on the way
 
+    def renew(self, lease_ids: Collection[int | str]) -> None:
+        """Their holders are alive: push their expiry `lease_timeout_s` into the future."""
+        if self.lease_timeout_s is None:
+            return
+        expires_at = time.monotonic() + self.lease_timeout_s
+        for lease_id in lease_ids:
+            ticket = self._leases.get(lease_id)
+            if ticket is not None:
+                ticket.expires_at = expires_at
+
     def release(self, lease_id: int | str) -> None:
         """The caller's sequences have finished (or failed) on their replica."""
         ticket = self._leases.pop(lease_id, None)
@@ -168,7 +179,7 @@ class AdmissionQueue:
     def _expire_leases(self) -> None:
         now = time.monotonic()
         for lease_id in [i for i, t in self._leases.items() if t.expires_at <= now]:
-            logger.warning("lease %d expired unreleased (its caller is gone?): freeing its slots", lease_id)
+            logger.warning("lease %s expired unrenewed (its holder is gone?): freeing its slots", lease_id)
             self.expired += 1
             self.release(lease_id)
 

@@ -136,6 +136,10 @@ class AppArgs(BaseModel):
         1, ge=1, le=64, description="Router replicas; each admits into its share of every model replica's slots.")
     ingress_replicas: int = Field(1, ge=1, le=256, description="Ingress replicas (HTTP, tokenization, SSE).")
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
+    lease_timeout_s: float = Field(
+        60.0, gt=0, description="A router frees the slots of an admitted request whose ingress stopped renewing "
+        "its lease for this long (the ingress died); ingresses renew every quarter of it."
+    )
     health_check_period_s: float = Field(
         2.0, gt=0, description="How often Serve checks each replica. A dead model replica stays in the "
         "router's placement choices until a check fails: Serve's 10 s default left it there for 5-10 s."

@@ -117,6 +117,20 @@ async def test_unreleased_leases_expire():
     assert queue.in_flight == 0 and queue.stats()["expired_leases"] == 1
 
 
+async def test_renewed_leases_outlive_their_timeout_and_expire_once_renewals_stop():
+    queue = make(slots_per_replica=1, max_batch_size=1, lease_timeout_s=0.2)
+    lease, _ = await queue.admit(1)
+    waiting = asyncio.create_task(queue.admit(1))
+    for _ in range(5):  # 0.5 s: more than twice the timeout, renewed every 0.1 s
+        await asyncio.sleep(0.1)
+        queue.renew([lease, "unknown"])  # an unknown (released, expired) lease is ignored
+    assert not waiting.done() and queue.stats()["expired_leases"] == 0
+    second, _ = await asyncio.wait_for(waiting, 2.0)  # renewals stopped: the lease expires
+    assert queue.stats()["expired_leases"] == 1
+    queue.release(second)
+    assert queue.in_flight == 0
+
+
 async def test_before_any_replica_is_known_one_batch_is_admitted_unplaced():
     queue = make(replicas=(), slots_per_replica=2, batch_wait_timeout_s=0)
     (l1, r1), (_, r2) = await queue.admit(1), await queue.admit(1)

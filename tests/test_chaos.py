@@ -25,7 +25,8 @@ def chaos_app(ray_cluster):
     # deleting the app after the kills outlasted serve.delete's 60 s (a request still counted
     # as ongoing somewhere held its replica in the default 120 s drain; not reproduced since).
     args = {**APP_ARGS, "router_replicas": 2, "ingress_replicas": 2, "max_batch_size": 8,
-            "autoscaling": {"min_replicas": 2, "max_replicas": 2}, "graceful_shutdown_timeout_s": 15}
+            "autoscaling": {"min_replicas": 2, "max_replicas": 2}, "graceful_shutdown_timeout_s": 15,
+            "lease_timeout_s": 5}
     serve.run(build_app(args), name="chaos", route_prefix="/chaos")
     yield f"{ray_cluster}/chaos"
     serve.delete("chaos")
@@ -124,6 +125,18 @@ def test_killing_each_part_under_load_loses_no_request(chaos_app):
             break
         time.sleep(1)
     assert not any(in_flight.values()), in_flight
+    # The routers hold nothing either: the leases of the requests the killed ingress was
+    # answering expire once it stops renewing them (lease_timeout_s 5 s here); every other
+    # lease was released or kept alive by its ingress, never reclaimed.
+    deadline = time.monotonic() + 30
+    while True:
+        router = requests.get(f"{chaos_app}/stats", timeout=30).json()["router"]
+        if router["in_flight_sequences"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    print("routers after:", {k: router[k] for k in ("in_flight_sequences", "expired_leases", "admitted")})
+    assert router["in_flight_sequences"] == 0, router
+    assert router["expired_leases"] <= WORKERS, router
     allowed = {"ok", "503 + Retry-After", "429 + Retry-After", "sse error event"}
     for p in ("warm-up", "killed ModelReplica", "killed Router", "after"):
         assert set(outcomes[p]) <= allowed, (p, report)
