@@ -38,3 +38,32 @@ async def test_held_leases_are_renewed_with_the_router_that_granted_them_until_r
     sent = len(calls)
     await asyncio.sleep(0.15)
     assert len(router.renew.calls) == sent
+
+
+def test_a_request_that_outlives_the_lease_timeout_keeps_its_lease(ray_cluster):
+    """End to end through real handles: a stream several times longer than `lease_timeout_s`
+    is renewed all along (a lease that expired would show in `expired_leases`)."""
+    import time
+
+    import httpx
+    import requests
+    from ray import serve
+
+    from serve_app.app import build_app
+    from tests.conftest import APP_ARGS, TINY
+
+    serve.run(build_app({**APP_ARGS, "lease_timeout_s": 0.5}), name="leases", route_prefix="/leases")
+    base = f"{ray_cluster}/leases"
+    try:
+        body = {"model": TINY, "prompt": "renew", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+        started = time.monotonic()
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        took = time.monotonic() - started
+        assert lines[-1] == "data: [DONE]"
+        assert took > 3 * 0.5, f"the stream took {took:.1f} s: too short to need renewing"
+        router = requests.get(f"{base}/stats", timeout=30).json()["router"]
+        assert router["expired_leases"] == 0 and router["in_flight_sequences"] == 0, router
+    finally:
+        serve.delete("leases")
