@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -12,6 +13,19 @@ TINY = "builtin:tiny-llama"
 # The app most integration tests talk to: small batches, a short batching window.
 APP_ARGS = dict(model=TINY, num_cpus=0, num_gpus=0, max_batch_size=8, batch_wait_timeout_s=0.05,
                 max_queue_len=64, max_body_bytes=64_000)
+
+
+def wait_for(predicate, timeout: float, what: str, timeline: list | None = None, sample=None):
+    """Poll `predicate` every 0.5 s; fail the test after `timeout` s (with `sample()`'s values
+    at each poll when a `timeline` list is given). Returns the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if timeline is not None:
+            timeline.append((round(time.monotonic() - start, 1), *sample()))
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}; timeline={timeline}")
+        time.sleep(0.5)
+    return time.monotonic() - start
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY
+from tests.conftest import APP_ARGS, TINY, wait_for
 
 SCALING = {"min_replicas": 1, "max_replicas": 3, "target_sequences_per_replica": 2, "upscale_delay_s": 0.5,
            "downscale_delay_s": 3, "metrics_interval_s": 0.25, "look_back_period_s": 1.0}
@@ -18,17 +18,6 @@ SCALING = {"min_replicas": 1, "max_replicas": 3, "target_sequences_per_replica":
 def running_replicas(app: str) -> int:
     status = serve.status().applications[app].deployments["ModelReplica"]
     return status.replica_states.get("RUNNING", 0)
-
-
-def wait_for(predicate, timeout: float, what: str, timeline: list | None = None, sample=None):
-    start = time.monotonic()
-    while not predicate():
-        if timeline is not None:
-            timeline.append((round(time.monotonic() - start, 1), *sample()))
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}; timeline={timeline}")
-        time.sleep(0.5)
-    return time.monotonic() - start
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY
+from tests.conftest import APP_ARGS, TINY, wait_for
 
 WORKERS = 6
 RECOVERY_S = 60  # the app serves normally again within this long after each kill
@@ -117,25 +117,21 @@ def test_killing_each_part_under_load_loses_no_request(chaos_app):
 
     assert hung == 0, report
     # Nothing orphaned in the engines: rows of requests whose caller died are finished or cancelled.
-    deadline = time.monotonic() + 30
-    while True:
+    def engine_rows() -> dict[str, int]:
         replicas = requests.get(f"{chaos_app}/stats?replicas=1", timeout=30).json()["router"]["replica_info"]
-        in_flight = {r["replica_id"]: r["in_flight_sequences"] for r in replicas}
-        if not any(in_flight.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert not any(in_flight.values()), in_flight
+        return {r["replica_id"]: r["in_flight_sequences"] for r in replicas}
+
+    wait_for(lambda: not any(engine_rows().values()), 30, "empty engines", [], lambda: (engine_rows(),))
     # The routers hold nothing either: the leases of the requests the killed ingress was
     # answering expire once it stops renewing them (lease_timeout_s 5 s here); every other
     # lease was released or kept alive by its ingress, never reclaimed.
-    deadline = time.monotonic() + 30
-    while True:
-        router = requests.get(f"{chaos_app}/stats", timeout=30).json()["router"]
-        if router["in_flight_sequences"] == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    def routers() -> dict:
+        return requests.get(f"{chaos_app}/stats", timeout=30).json()["router"]
+
+    wait_for(lambda: routers()["in_flight_sequences"] == 0, 30, "routers holding nothing", [],
+             lambda: (routers()["in_flight_sequences"],))
+    router = routers()
     print("routers after:", {k: router[k] for k in ("in_flight_sequences", "expired_leases", "admitted")})
-    assert router["in_flight_sequences"] == 0, router
     assert router["expired_leases"] <= WORKERS, router
     allowed = {"ok", "503 + Retry-After", "429 + Retry-After", "sse error event"}
     for p in ("warm-up", "killed ModelReplica", "killed Router", "after"):
@@ -157,13 +153,7 @@ def test_a_dead_model_replica_leaves_the_routers_choices_within_seconds(chaos_ap
     def running() -> int:  # the most any router sees
         return requests.get(f"{chaos_app}/stats", timeout=30).json()["router"]["replicas"]
 
-    deadline = time.monotonic() + RECOVERY_S
-    while running() < 2:  # the earlier test's replacements are up
-        assert time.monotonic() < deadline, "the model replicas did not come back"
-        time.sleep(0.5)
+    wait_for(lambda: running() == 2, RECOVERY_S, "the earlier test's replacement replicas")
     kill_one("chaos", "ModelReplica")
-    killed = time.monotonic()
-    while running() == 2 and time.monotonic() - killed < 30:
-        time.sleep(0.1)
-    assert time.monotonic() - killed < 6
+    assert wait_for(lambda: running() < 2, 6, "the routers to drop the killed replica") < 6
     wait_until_serving(chaos_app)
