@@ -59,15 +59,15 @@ def random_llama(tokenizer, initializer_range: float):
 
 
 def engine_factory(model, tokenizer):
-    """make(max_batch_size, max_model_len, **BatchEngine kwargs) -> a BatchEngine on this model."""
+    """make(max_model_len=2048, **AppArgs fields) -> a BatchEngine on this model, configured as the
+    app would be with those settings (the engine's defaults are the app's: see factory.engine_config)."""
     from serve_app.engine.batch_engine import BatchEngine
+    from serve_app.engine.factory import engine_config
     from serve_app.engine.loading import eos_token_ids
 
-    def make(max_batch_size: int = 8, max_model_len: int = 2048, **kw) -> BatchEngine:
-        # As served (AppArgs' defaults): engine tests check that speculation changes no token.
-        kw = {"num_speculative_tokens": AppArgs().num_speculative_tokens,
-              "speculative_max_rows": AppArgs().speculative_max_rows, **kw}
-        return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), max_batch_size, max_model_len, **kw)
+    def make(max_model_len: int = 2048, **app_args) -> BatchEngine:
+        config = engine_config(AppArgs(**{"max_batch_size": 8, **app_args}), "cpu", max_model_len)
+        return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), config)
 
     return make
 

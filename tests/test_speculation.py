@@ -157,7 +157,7 @@ def test_no_drafts_while_a_prompt_waits_or_above_the_row_limit(looping_engine_fa
 def test_budget_holds_and_blocks_return_with_drafts_and_cancellations(looping_engine_factory):
     engine = looping_engine_factory(max_batch_size=4, num_speculative_tokens=6, speculative_max_rows=4,
                                  max_num_batched_tokens=16, kv_cache_tokens=1024)
-    free = engine.cache.num_free_blocks
+    free = engine.blocks.num_free_blocks
     rng = random.Random(0)
     loop = [rng.randrange(5, 200) for _ in range(4)]
     for i in range(150):
@@ -171,7 +171,7 @@ def test_budget_holds_and_blocks_return_with_drafts_and_cancellations(looping_en
     while engine.has_work:
         engine.step()
         assert engine.last_step_tokens <= 16
-    assert engine.cache.num_free_blocks == free
+    assert engine.blocks.num_free_blocks == free
     assert engine.accepted_draft_tokens > 0
 
 
@@ -186,9 +186,9 @@ def test_kept_drafts_leave_the_same_cache_a_plain_run_does(looping_engine_factor
     assert engines[1].accepted_draft_tokens > 0
     a, b = (e.running[0] for e in engines)
     n = min(a.num_cached, b.num_cached)
-    slots = [e.cache.slots("c", 0, n) for e in engines]
-    for layer in range(len(engines[0].cache.keys)):
-        ka, kb = (e.cache.flat(e.cache.keys[layer])[s] for e, s in zip(engines, slots))
+    slots = [e.running[0].slot_map[:n] for e in engines]
+    for layer in range(len(engines[0].kv.keys)):
+        ka, kb = (e.kv.flat(e.kv.keys[layer])[s] for e, s in zip(engines, slots))
         torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-4)
 
 

@@ -60,6 +60,8 @@ class GenerationRequest(BaseModel):
     request_id: str
     prompt_token_ids: list[int] = Field(min_length=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
+    # Sequences share cached KV blocks only under the same salt (see prefix_hash.py).
+    cache_salt: str | None = None
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -76,6 +78,7 @@ class SequenceOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     # Per token of token_ids when asked: (logprob of the chosen token, [(token id, logprob) of the top ones])
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
@@ -90,6 +93,7 @@ class SequenceOutput:
         self.finish_reason = later.finish_reason
         self.prompt_tokens = later.prompt_tokens
         self.completion_tokens = later.completion_tokens
+        self.cached_tokens = later.cached_tokens
         self.error = later.error
         if later.logprobs is not None:
             self.logprobs = (self.logprobs or []) + later.logprobs
@@ -104,6 +108,6 @@ def coalesce(outputs: list[SequenceOutput]) -> list[SequenceOutput]:
         else:
             merged[out.request_id] = SequenceOutput(
                 out.request_id, out.text, list(out.token_ids), out.finish_reason,
-                out.prompt_tokens, out.completion_tokens, out.error,
+                out.prompt_tokens, out.completion_tokens, out.error, out.cached_tokens,
                 list(out.logprobs) if out.logprobs is not None else None)
     return list(merged.values())
