@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import ipaddress
 import json
 import logging
@@ -46,7 +48,8 @@ class Ingress:
         self.replicas = replicas
         self.frontend = OpenAIFrontend(self.args, tokenizer, self.max_model_len,
                                        RoutedBackend(router, replicas, self.args.retry_after_s,
-                                                     self.args.model_name, self.args.lease_timeout_s))
+                                                     self.args.model_name, self.args.lease_timeout_s,
+                                                     self.args.model if self.args.enable_prefix_caching else None))
         # Validation, templating and tokenization run here, off the event loop: a 900 kB
         # prompt must not stall every other stream and /health of this ingress. One thread:
         # the tokenizer releases the GIL, and requests are prepared in arrival order.
@@ -185,9 +188,17 @@ def build_http_app(ingress: Ingress) -> Starlette:
                            param="X-Request-Timeout") from None
         return min(value, args.request_timeout_s or value)
 
+    def tenant_of(request: Request) -> str:
+        """Who is asking, when tenants must not share cached prompt blocks (a digest of their key)."""
+        if not (args.prefix_cache_salt_by_api_key and ingress.api_keys):
+            return ""
+        key = (request.headers.get("authorization") or "").partition(" ")[2].strip()
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
     async def respond(request: Request, prepare, run, chunks) -> Response:
         timeout = timeout_of(request)
-        prepared: Prepared = await ingress.prepare(prepare, await read_json(request))
+        body = await read_json(request)
+        prepared: Prepared = await ingress.prepare(functools.partial(prepare, tenant=tenant_of(request)), body)
         if not prepared.body.stream:
             return JSONResponse(await ingress._run(run(prepared), timeout))
         stream = chunks(prepared)

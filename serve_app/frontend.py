@@ -104,17 +104,18 @@ class OpenAIFrontend:
         card = ModelCard(id=self.args.model_name, created=self.created, max_model_len=self.max_model_len)
         return ModelList(data=[card]).model_dump()
 
-    def prepare_completion(self, body: Any) -> Prepared:
+    def prepare_completion(self, body: Any, tenant: str = "") -> Prepared:
+        """`tenant`: who is asking, when tenants must not share cached prompts (see cache_salt_of)."""
         req = parse_body(CompletionRequest, body)
         self._check_common(req)
         self._check_sequences(len(req.prompts), req.n)
         rid = new_id("cmpl")
         ids = [self._encode(p, "prompt") for p in req.prompts]
         # Choice index i * n + j: prompt i, sample j (OpenAI's order).
-        return Prepared(req, [self._engine_request(f"{rid}-{i * req.n + j}", t, req, req.max_tokens, j, req.logprobs)
-                              for i, t in enumerate(ids) for j in range(req.n)], rid)
+        return Prepared(req, [self._engine_request(f"{rid}-{i * req.n + j}", t, req, req.max_tokens, j, req.logprobs,
+                                                   tenant) for i, t in enumerate(ids) for j in range(req.n)], rid)
 
-    def prepare_chat(self, body: Any) -> Prepared:
+    def prepare_chat(self, body: Any, tenant: str = "") -> Prepared:
         req = parse_body(ChatCompletionRequest, body)
         self._check_common(req)
         if len(req.messages) > self.args.max_messages:
@@ -130,8 +131,8 @@ class OpenAIFrontend:
         self._check_prompt_length(ids, "messages")
         rid = new_id("chatcmpl")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return Prepared(req, [self._engine_request(f"{rid}-{j}", ids, req, req.requested_max_tokens, j, logprobs)
-                              for j in range(req.n)], rid)
+        return Prepared(req, [self._engine_request(f"{rid}-{j}", ids, req, req.requested_max_tokens, j, logprobs,
+                                                   tenant) for j in range(req.n)], rid)
 
     def prepare_generate(self, body: Any) -> GenerationRequest:
         req = parse_body(GenerateRequest, body)
@@ -186,7 +187,7 @@ class OpenAIFrontend:
         return ids
 
     def _engine_request(self, rid: str, ids: list[int], req, max_tokens: int | None, choice: int = 0,
-                        logprobs: int | None = None) -> GenerationRequest:
+                        logprobs: int | None = None, tenant: str = "") -> GenerationRequest:
         room = self.max_model_len - len(ids)
         if max_tokens is None:
             max_tokens = max(1, min(self.args.max_tokens_default, room))
@@ -209,9 +210,10 @@ class OpenAIFrontend:
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty, logit_bias=bias or None, logprobs=logprobs,
         )
-        return self._make_request(rid, ids, params, "max_tokens")
+        return self._make_request(rid, ids, params, "max_tokens", cache_salt_of(req.cache_salt, tenant))
 
-    def _make_request(self, rid: str, ids: list[int], params: SamplingParams, max_param: str) -> GenerationRequest:
+    def _make_request(self, rid: str, ids: list[int], params: SamplingParams, max_param: str,
+                      cache_salt: str | None = None) -> GenerationRequest:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise APIError(
                 400,
@@ -220,7 +222,7 @@ class OpenAIFrontend:
                 f"completion). Please reduce the prompt or {max_param}.",
                 param=max_param, code="context_length_exceeded",
             )
-        return GenerationRequest(request_id=rid, prompt_token_ids=ids, params=params)
+        return GenerationRequest(request_id=rid, prompt_token_ids=ids, params=params, cache_salt=cache_salt)
 
     # ------------------------------------------------------------ running
 
@@ -382,13 +384,23 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
         yield item
 
 
+def cache_salt_of(request_salt: str | None, tenant: str) -> str | None:
+    """What keeps a request's cached prompt blocks apart from others': its own `cache_salt`
+    (vLLM's field) and, when the server salts by API key, who sent it. Requests with the same
+    salt (none, by default) share blocks; a cache hit shows in the time to first token."""
+    if not request_salt and not tenant:
+        return None
+    return f"{tenant}/{request_salt or ''}"
+
+
 def raise_if_failed(out: SequenceOutput) -> None:
     if out.finish_reason == "error":
         raise APIError(500, out.error or "generation failed", type="server_error", code="generation_failed")
 
 
 def total_usage(outs: list[SequenceOutput]) -> Usage:
-    return Usage.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs))
+    return Usage.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs),
+                    sum(o.cached_tokens for o in outs))
 
 
 def _include_usage(body) -> bool:

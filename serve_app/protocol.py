@@ -96,6 +96,8 @@ class _GenerationFields(BaseModel):
     frequency_penalty: OpenAIPenalty = 0.0
     repetition_penalty: RepetitionPenalty = Field(1.0, description="Extension (vLLM/HF).")
     logit_bias: dict[str, float] | None = Field(None, description="Token id -> bias in [-100, 100].")
+    cache_salt: str | None = Field(None, max_length=256, description="Extension (vLLM): requests with "
+                                   "different salts never share cached prompt blocks.")
 
     @field_validator("logit_bias")
     @classmethod
@@ -226,15 +228,21 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 FinishReason = Literal["stop", "length", "cancelled"] | None
