@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 
@@ -80,9 +81,12 @@ def lively_model(tiny_model):
     return random_llama(tokenizer, 0.3), tokenizer
 
 
-@pytest.fixture(scope="session")
-def tiny_engine_factory(lively_model):
-    return engine_factory(*lively_model)
+@pytest.fixture(scope="session", params=["native", "transformers"])
+def tiny_engine_factory(lively_model, request):
+    """Engines on the lively model, once with each model runner: our own Llama forward and
+    transformers' module (the fallback for other architectures) pass the same engine tests."""
+    make = engine_factory(*lively_model)
+    return functools.partial(make, runner=request.param)
 
 
 @pytest.fixture(scope="session")

@@ -272,3 +272,27 @@ def test_under_memory_pressure_cached_blocks_are_evicted_and_outputs_stay_right(
     assert {k: v.token_ids for k, v in got.items()} == {k: v.token_ids for k, v in want.items()}
     assert small.blocks.num_free_blocks == small.blocks.num_blocks
     assert small.blocks.num_cached_blocks < sum(len(r.prompt_token_ids) // 16 for r in reqs)  # some were evicted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_decode_kernel_equals_gathered_sdpa(dtype):
+    """The paged decode kernel (built with the machine's C compiler) against torch's gather + SDPA."""
+    from serve_app.engine import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.fail("the CPU kernels did not build on this machine (gcc is part of its toolchain)")
+    hkv, group, d, bs, rows = 3, 3, 64, 16, 5
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(40, bs, hkv, d, generator=gen).to(dtype)
+    values = torch.randn(40, bs, hkv, d, generator=gen).to(dtype)
+    tables = torch.randperm(40, generator=gen)[:rows * 6].view(rows, 6)
+    lens = torch.tensor([1, 17, 50, 96, 33])
+    q = torch.randn(rows, hkv * group, d, generator=gen).to(dtype)
+    out = torch.empty_like(q)
+    cpu_kernels.paged_decode_attention(q, keys, values, tables, lens, out, d ** -0.5)
+    k = keys.index_select(0, tables.flatten()).view(rows, -1, hkv, d).transpose(1, 2).float()
+    v = values.index_select(0, tables.flatten()).view(rows, -1, hkv, d).transpose(1, 2).float()
+    mask = (torch.arange(6 * bs) < lens.unsqueeze(1)).view(rows, 1, 1, -1)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float().view(rows, hkv, group, d), k, v,
+                                                            attn_mask=mask).view(rows, -1, d)
+    torch.testing.assert_close(out.float(), want, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)

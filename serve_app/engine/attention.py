@@ -4,9 +4,11 @@ Every token of a step is packed into one row of T tokens. Per layer, the new key
 values are written into the cache at their slots, then each segment of the step attends to
 its own sequence's keys:
 
-- a `DecodeGroup` is many sequences decoding one token each, attended as one batched call
-  over their gathered, padded keys. Rows are grouped by length so one long sequence does not
-  make every row gather its length;
+- `DecodeRows` are all the sequences decoding one token each, attended by a compiled kernel
+  that reads their blocks in place (cpu_kernels.py) where it exists; elsewhere
+- a `DecodeGroup` is many decoding sequences attended as one batched SDPA call over their
+  gathered, padded keys. Rows are grouped by length so one long sequence does not make every
+  row gather its length;
 - a `PrefillChunk` is consecutive tokens of one sequence (a prompt chunk, or a decoding
   row's last token + its speculative draft), causal over its cached past and itself.
 
@@ -23,8 +25,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from serve_app.engine import cpu_kernels
 from serve_app.engine.kv_cache import KVCache
 from serve_app.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class DecodeRows:
+    start: int
+    size: int  # sequences (one token each)
+    block_tables: torch.Tensor  # [size, blocks] int64
+    lens: torch.Tensor  # [size] int64: positions each attends to (this step's token included)
 
 
 @dataclass(slots=True)
@@ -49,7 +60,19 @@ class PrefillChunk:
 class AttentionLayout:
     cache: KVCache
     write_slots: torch.Tensor  # [T]: where each packed token's keys/values go
-    segments: list[DecodeGroup | PrefillChunk] = field(default_factory=list)
+    segments: list[DecodeRows | DecodeGroup | PrefillChunk] = field(default_factory=list)
+
+
+def decode_rows(cache: KVCache, start: int, seqs: list[Sequence]) -> DecodeRows:
+    """Every decoding sequence, for the paged kernel."""
+    lengths = [s.total_len for s in seqs]
+    tables = torch.nn.utils.rnn.pad_sequence(
+        [s.block_table_tensor[:cache.blocks_for(n)] for s, n in zip(seqs, lengths)], batch_first=True)
+    return DecodeRows(start, len(seqs), tables, torch.tensor(lengths, dtype=torch.long))
+
+
+def use_decode_kernel(cache: KVCache) -> bool:
+    return cpu_kernels.supports(cache.keys[0].dtype, cache.keys[0].device)
 
 
 def decode_group(cache: KVCache, start: int, seqs: list[Sequence]) -> DecodeGroup:
@@ -123,7 +146,11 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
     for seg in layout.segments:
         end = seg.start + seg.size
-        if isinstance(seg, DecodeGroup):
+        if isinstance(seg, DecodeRows):
+            cpu_kernels.paged_decode_attention(query[seg.start:end].contiguous(), k_cache, v_cache,
+                                               seg.block_tables, seg.lens, out[seg.start:end],
+                                               scale if scale is not None else head_dim ** -0.5)
+        elif isinstance(seg, DecodeGroup):
             k, v = gather(seg, seg.size)
             # One query token per row: the query heads sharing a KV head are attended as that
             # head's queries, [n, Hkv, Hq/Hkv, D] (head h reads KV head h // group, as

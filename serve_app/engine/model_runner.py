@@ -23,7 +23,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from serve_app.engine.attention import AttentionLayout, decode_group, group_by_length, paged_attention, prefill_chunk
+from serve_app.engine.attention import (
+    AttentionLayout, decode_group, decode_rows, group_by_length, paged_attention, prefill_chunk, use_decode_kernel,
+)
 from serve_app.engine.kv_cache import KVCache
 from serve_app.engine.scheduler import ScheduledStep
 from serve_app.engine.sequence import Sequence
@@ -51,9 +53,16 @@ def pack_step(plan: ScheduledStep, cache: KVCache, device: torch.device) -> Pack
     sampled: list[Sequence] = []
     logit_rows: list[int] = []
     decodes = plan.decodes
-    for group in group_by_length([s.total_len for s in decodes]):
-        seqs = [decodes[i] for i in group]
-        layout.segments.append(decode_group(cache, len(tokens), seqs))
+    kernel = use_decode_kernel(cache)  # one call for every decoding row; else batched SDPA by length group
+    if kernel:
+        groups = [decodes] if decodes else []
+        if decodes:
+            layout.segments.append(decode_rows(cache, 0, decodes))
+    else:
+        groups = [[decodes[i] for i in group] for group in group_by_length([s.total_len for s in decodes])]
+    for seqs in groups:
+        if not kernel:
+            layout.segments.append(decode_group(cache, len(tokens), seqs))
         for seq in seqs:
             pos = seq.total_len - 1  # the last sampled token enters the cache now
             logit_rows.append(len(tokens))
