@@ -19,6 +19,8 @@ from serve_app.engine.grammar import (
     fill_masks, strict_schema,
 )
 from serve_app.engine.grammar_spec import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, GrammarSpec
+from tests.conftest import closing_bonus, token_texts
+from tests.conftest import grammar_walk as walk
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +61,6 @@ def allowed_tokens(state, vocab: int) -> set[int]:
     state.fill_mask(bitmask, 0)
     bits = (bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
     return set(bits.view(-1)[:vocab].nonzero().squeeze(-1).tolist())
-
-
-def token_texts(tokenizer) -> list[str]:
-    return [tokenizer.decode([t]) for t in range(len(tokenizer))]
 
 
 # ---------------------------------------------------------------- masks are exact
@@ -172,33 +170,6 @@ SCHEMAS = {
     "top-level-array": {"type": "array", "items": {"type": "string", "maxLength": 4}, "minItems": 1, "maxItems": 3},
     "json_object": {"type": "object"},
 }
-
-
-def walk(state, tokenizer, seed: int, max_steps: int = 400, closers: torch.Tensor | None = None) -> list[int]:
-    """Sample at temperature 1 from random logits under the state's mask until EOS. After a
-    while the tokens that close things (quotes, brackets, commas, EOS) get a growing bonus,
-    so that walks through unbounded strings and numbers end."""
-    gen = torch.Generator().manual_seed(seed)
-    vocab = len(tokenizer)
-    tokens: list[int] = []
-    for step in range(max_steps):
-        logits = torch.randn(1, vocab, generator=gen)
-        if closers is not None and step > 20:
-            logits[0] += closers * (step - 20) * 0.5
-        assert apply_masks(logits, [0], [state]) == []
-        token = int(torch.multinomial(logits[0].softmax(-1), 1, generator=gen))
-        assert state.accept(token), (token, tokenizer.decode(tokens))
-        tokens.append(token)
-        if state.is_finished:
-            return tokens
-    pytest.fail(f"walk did not finish in {max_steps} tokens: {tokenizer.decode(tokens)!r}")
-
-
-def closing_bonus(tokenizer) -> torch.Tensor:
-    texts = token_texts(tokenizer)
-    bonus = torch.tensor([1.0 if any(c in text for c in '"}],') else 0.0 for text in texts])
-    bonus[tokenizer.eos_token_id] = 1.0
-    return bonus
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
@@ -444,3 +415,16 @@ def test_strict_schema_closes_objects_that_name_their_properties():
     assert out["properties"]["d"]["additionalProperties"] is True
     assert out["$defs"]["X"]["properties"]["y"]["items"]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # the caller's schema is not modified
+
+
+def test_regex_digits_are_ascii_as_in_json_schema_patterns(smol, smol_tokenizer):
+    arabic_three = smol_tokenizer("٣", add_special_tokens=False)["input_ids"]
+    for spec in (GrammarSpec.regex(r"\d+"), GrammarSpec.regex(r"[\d]+"),
+                 GrammarSpec.json_schema({"type": "string", "pattern": "^\\d+$"})):
+        state = smol.compile_now(spec).new_state()
+        if spec.kind == "json_schema":
+            assert state.accept(smol_tokenizer('"', add_special_tokens=False)["input_ids"][0])
+        assert state.check_draft(arabic_three) == 0
+        assert state.check_draft(smol_tokenizer("42", add_special_tokens=False)["input_ids"]) > 0
+    state = smol.compile_now(GrammarSpec.regex(r"\D")).new_state()
+    assert state.check_draft(smol_tokenizer("7", add_special_tokens=False)["input_ids"]) == 0

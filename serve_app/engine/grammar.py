@@ -75,7 +75,7 @@ import llguidance.hf
 import torch
 
 from serve_app.engine.grammar_spec import (
-    TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_SEPARATOR, GrammarSpec, canonical_json,
+    DEAD_END, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_SEPARATOR, GrammarSpec, canonical_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,9 +83,6 @@ logger = logging.getLogger(__name__)
 # The JSON we generate is json.dumps's: one line, ", " and ": " between items. Free
 # whitespace lets a small model pad with newlines until max_tokens.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
-DEAD_END = "grammar_dead_end"
-
 
 class GrammarError(ValueError):
     """A grammar that cannot be used: invalid, or using something unsupported. Its message
@@ -308,13 +305,39 @@ def strict_schema(schema):
     return out
 
 
+def ascii_digits(pattern: str) -> str:
+    """`\\d` as [0-9] and `\\D` as [^0-9], as in JSON Schema patterns (ECMAScript). The
+    regex library's own `\\d` is any Unicode digit: `\\d{3}` would allow "٣٤٥"."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            if nxt == "d":
+                out.append("0-9" if in_class else "[0-9]")
+            elif nxt == "D" and not in_class:
+                out.append("[^0-9]")
+            else:
+                out.append(ch + nxt)
+            i += 2
+            continue
+        if ch == "[" and not in_class:
+            in_class = True
+        elif ch == "]" and in_class:
+            in_class = False
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
 def _schema_grammar(schema) -> str:
     return llguidance.LLMatcher.grammar_from_json_schema(strict_schema(schema), defaults=JSON_OPTIONS)
 
 
 def _tool_calls_lark(spec: GrammarSpec) -> str:
     """One call: TOOL_CALL_OPEN {"name": <a tool>, "arguments": <its schema>} TOOL_CALL_CLOSE;
-    with `parallel`, one or more separated by TOOL_CALL_SEPARATOR."""
+    with `parallel`, one or more separated by TOOL_CALL_SEPARATOR; with a `value` (a JSON
+    schema), either those calls or a JSON answer matching it."""
     rules = []
     for i, tool in enumerate(spec.tools):
         call = {"x-guidance": JSON_OPTIONS, "type": "object",
@@ -323,8 +346,13 @@ def _tool_calls_lark(spec: GrammarSpec) -> str:
         rules.append(f"tool_{i}: %json {canonical_json(strict_schema(call))}")
     call_rule = "call: " + json.dumps(TOOL_CALL_OPEN) + " (" + " | ".join(
         f"tool_{i}" for i in range(len(spec.tools))) + ") " + json.dumps(TOOL_CALL_CLOSE)
-    start = f"start: call ({json.dumps(TOOL_CALL_SEPARATOR)} call)*" if spec.parallel else "start: call"
-    return "\n".join([start, call_rule, *rules]) + "\n"
+    calls = f"calls: call ({json.dumps(TOOL_CALL_SEPARATOR)} call)*" if spec.parallel else "calls: call"
+    start = "start: calls"
+    if spec.value:  # or an answer: JSON matching the response format's schema
+        answer = {"x-guidance": JSON_OPTIONS, **strict_schema(json.loads(spec.value))}
+        start = "start: calls | answer"
+        rules.append(f"answer: %json {canonical_json(answer)}")
+    return "\n".join([start, calls, call_rule, *rules]) + "\n"
 
 
 def grammar_text(spec: GrammarSpec) -> str:
@@ -336,7 +364,7 @@ def grammar_text(spec: GrammarSpec) -> str:
         if spec.kind == "json_object":
             return _schema_grammar({"type": "object"})
         if spec.kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(spec.value)
+            return llguidance.LLMatcher.grammar_from_regex(ascii_digits(spec.value))
         if spec.kind == "choice":
             return llguidance.grammar_from("choice", list(spec.choices))
         if spec.kind == "grammar":

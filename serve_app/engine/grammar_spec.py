@@ -23,6 +23,9 @@ TOOL_CALL_OPEN = "<tool_call>\n"
 TOOL_CALL_CLOSE = "\n</tool_call>"
 TOOL_CALL_SEPARATOR = "\n"
 
+# The error of a sequence whose grammar no token can continue (finish_reason "error").
+DEAD_END = "grammar_dead_end"
+
 
 def canonical_json(value: Any) -> str:
     """Compact JSON text with the keys in their given order (property order steers generation)."""
@@ -50,7 +53,9 @@ class GrammarSpec(BaseModel):
       rule, lowercase rules, uppercase terminals, /regex/ terminals, `%json {schema}`
       embeds) or in llama.cpp's GBNF (`root ::= ...`).
     - tool_calls: one call (or several, with `parallel`) of one of `tools`, in the
-      TOOL_CALL_OPEN ... TOOL_CALL_CLOSE format, arguments matching the tool's schema.
+      TOOL_CALL_OPEN ... TOOL_CALL_CLOSE format, arguments matching the tool's schema; with a
+      `value` (a JSON schema as text), either such calls or a JSON answer matching it (a
+      request with tools, tool_choice "auto" and a JSON response_format).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
