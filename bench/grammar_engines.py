@@ -414,6 +414,45 @@ def termination(engine, tokenizer) -> list[str]:
     return lines
 
 
+def measure_serve_app(tokenizer, rows: int, steps: int) -> list[str]:
+    """apply_masks(logits, rows, states) + one accept per row, for all rows constrained, a
+    quarter of them, and none; rows walk the nested document as in (b)."""
+    from serve_app.engine.grammar import GrammarCompiler, apply_masks
+    from serve_app.engine.grammar_spec import GrammarSpec
+
+    compiler = GrammarCompiler(tokenizer)
+    compiled = compiler.compile_now(GrammarSpec.json_schema(SCHEMAS["nested"]))
+    doc = document_tokens(tokenizer, "nested")
+    logits = torch.randn(rows, len(tokenizer))
+    lines = ["| constrained rows | apply_masks | accept (all rows) | state per sequence |", "|---:|---:|---:|---:|"]
+    for constrained in (rows, rows // 4, 0):
+        picked = list(range(0, rows, rows // constrained))[:constrained] if constrained else []
+        states, pos = [], []
+        for i in range(len(picked)):
+            state = compiled.new_state()
+            start = (i * 7) % (len(doc) - 1)
+            for t in doc[:start]:
+                assert state.accept(t)
+            states.append(state)
+            pos.append(start)
+        mask_ms, accept_ms = [], []
+        for _ in range(steps):
+            work = logits.clone()
+            mask_ms.append(timed(apply_masks, work, picked, states)[1])
+            start = time.perf_counter()
+            for i, state in enumerate(states):
+                assert state.accept(doc[pos[i]])
+                pos[i] += 1
+                if pos[i] == len(doc):
+                    states[i], pos[i] = compiled.new_state(), 0
+            accept_ms.append((time.perf_counter() - start) * 1000)
+        new_us = timed(lambda: [compiled.new_state() for _ in range(100)])[1] * 10
+        lines.append(f"| {constrained} | {statistics.median(mask_ms):.2f} / {min(mask_ms):.2f} | "
+                     f"{statistics.median(accept_ms):.2f} / {min(accept_ms):.2f} | {new_us:.1f} us |")
+    compiler.close()
+    return lines
+
+
 def apply_variants():
     yield "plain torch, shift by 0..31 + masked_fill", unpack_bitmask_apply
     yield "plain torch, 256-entry byte table + masked_fill", lut_bitmask_apply
@@ -499,6 +538,10 @@ def main() -> None:
             r = measure_rollback(e, tokenizer, k, 50)
             print(f"| {e.name} | {k} | {r['accept_us']:.1f} | {r['rollback_us']:.1f} | {r['check_draft_us']:.1f} "
                   f"| {r['bad_draft_prefix']} |")
+
+    print(f"\n## serve_app.engine.grammar, as the sampler will call it: {args.rows} rows, ms (median / min)\n")
+    for line in measure_serve_app(tokenizer, args.rows, args.steps):
+        print(line)
 
     print("\n## (d) termination and dead ends\n")
     for e in engines:

@@ -18,6 +18,10 @@ Objects
 
 Contract with the engine (for the sampler integration)
 ------------------------------------------------------
+0. Setup. One compiler per replica process, for the model's tokenizer:
+   `GrammarCompiler(tokenizer, vocab_size=<width of the logits>, eos_token_ids=
+   engine.eos_token_ids, cache_size=args.grammar_cache_size)`, and `compiler.warm()` at
+   start (builds the tokenizer tables, ~1 s for 49k tokens, on the compiler's thread).
 1. Admission. When a request with `params.grammar` arrives, the replica calls
    `compiler.compile(params.grammar)` and keeps the Future; the sequence is scheduled
    (its prompt may even be prefilled) but not sampled until the Future is done, so the
