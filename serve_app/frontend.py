@@ -26,7 +26,9 @@ from serve_app.protocol import (
     GenerateRequest, ModelCard, ModelList, Usage, new_id, now,
 )
 from serve_app.structured_output import output_grammar, tool_context
-from serve_app.tool_calls import ToolCallParser, ToolContext, parse_output, template_messages, template_supports_tools
+from serve_app.tool_calls import (
+    ToolCallParser, ToolContext, parse_output, template_messages, template_supports_tools,
+)
 
 
 class Backend(Protocol):

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.engine.grammar_spec import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_SEPARATOR, GrammarSpec
-from serve_app.protocol import ChatTool, FunctionCallDelta, NamedToolChoice, ToolCall, ToolCallDelta, ToolCallFunction
+from serve_app.protocol import (
+    ChatTool, FunctionCallDelta, NamedToolChoice, ToolCall, ToolCallDelta, ToolCallFunction,
+)
 
 OPEN_TAG = TOOL_CALL_OPEN.strip()  # "<tool_call>"
 CLOSE_TAG = TOOL_CALL_CLOSE.strip()  # "</tool_call>"

@@ -227,7 +227,7 @@ def test_forced_tool_calls_follow_the_format_and_each_tool_schema(tiny, tiny_tok
     compiled = tiny.compile_now(spec)
     closers = closing_bonus(tiny_tokenizer)
     seen = set()
-    block = re.compile(re.escape(TOOL_CALL_OPEN) + "(.*?)" + re.escape(TOOL_CALL_CLOSE), re.S)
+    block = re.compile(re.escape(TOOL_CALL_OPEN) + "(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
     for seed in range(12):
         text = tiny_tokenizer.decode(walk(compiled.new_state(), tiny_tokenizer, seed, closers=closers)[:-1])
         calls = block.findall(text)

@@ -375,7 +375,7 @@ PARSED = [
      [("get_weather", '{"city": "Paris"}')]),
     ('Let me look.\n<tool_call>\n{"name": "search", "arguments": {"query": "a \\"b\\" {c}"}}\n</tool_call>\n',
      "Let me look.", [("search", '{"query": "a \\"b\\" {c}"}')]),
-    ('<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+    ('<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n<tool_call>\n'  # noqa: ISC004
      '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}\n</tool_call>', None,
      [("now", "{}"), ("get_weather", '{"city": "Rome", "unit": "celsius"}')]),
     # other key order, arguments as a JSON string: parsed as a whole block

@@ -68,7 +68,6 @@ Contract with the engine (for the sampler integration)
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -82,11 +81,10 @@ from serve_app.engine.grammar_spec import (
     DEAD_END, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_SEPARATOR, GrammarSpec, canonical_json,
 )
 
-logger = logging.getLogger(__name__)
-
 # The JSON we generate is json.dumps's: one line, ", " and ": " between items. Free
 # whitespace lets a small model pad with newlines until max_tokens.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 
 class GrammarError(ValueError):
     """A grammar that cannot be used: invalid, or using something unsupported. Its message
@@ -96,7 +94,7 @@ class GrammarError(ValueError):
 class CompiledGrammar:
     """A grammar ready for one tokenizer: a template matcher that states are copied from."""
 
-    __slots__ = ("spec", "_template", "_eos", "words")
+    __slots__ = ("_eos", "_template", "spec", "words")
 
     def __init__(self, spec: GrammarSpec, template: llguidance.LLMatcher, eos: frozenset[int], words: int):
         self.spec = spec
@@ -111,7 +109,7 @@ class CompiledGrammar:
 class GrammarState:
     """One sequence's position in its grammar."""
 
-    __slots__ = ("_matcher", "_eos", "_eos_mask", "spec", "words", "_finished_at", "_count")
+    __slots__ = ("_count", "_eos", "_eos_mask", "_finished_at", "_matcher", "spec", "words")
 
     def __init__(self, matcher: llguidance.LLMatcher, eos: frozenset[int], spec: GrammarSpec, words: int):
         self._matcher = matcher
