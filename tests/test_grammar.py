@@ -264,7 +264,13 @@ def test_rollback_restores_the_state(tiny, tiny_tokenizer):
         assert allowed_tokens(state, vocab) == masks[len(ids) - k]
         assert all(state.accept(t) for t in ids[len(ids) - k:])
     with pytest.raises(ValueError):
-        state.rollback(len(ids) + 1)
+        state.rollback(len(ids) + 2)
+    # An EOS rolled back and accepted again (llguidance alone would refuse it the second time)
+    assert state.accept(tiny_tokenizer.eos_token_id) and state.is_finished
+    state.rollback(2)
+    assert not state.is_finished and not state.accept(tiny_tokenizer.eos_token_id)
+    assert state.accept(ids[-1]) and state.accept(tiny_tokenizer.eos_token_id)
+    assert state.check_draft([tiny_tokenizer.eos_token_id]) == 1
 
 
 def test_drafts_are_checked_and_masked_without_changing_the_state(tiny, tiny_tokenizer):
@@ -279,6 +285,9 @@ def test_drafts_are_checked_and_masked_without_changing_the_state(tiny, tiny_tok
     draft = ids[3:6] + [bad] + ids[6:8]
     assert state.check_draft(ids[3:9]) == 6
     assert state.check_draft(draft) == 3
+    eos = tiny_tokenizer.eos_token_id
+    assert state.check_draft([*ids[3:], eos, eos]) == len(ids) - 3 + 1  # up to the EOS that completes it
+    assert state.check_draft([*ids[3:-1], eos]) == len(ids) - 4  # an EOS before the end: refused
     bitmask = torch.zeros(len(draft) + 2, bitmask_words(vocab), dtype=torch.int32)
     assert state.fill_draft_masks(draft, bitmask, 1) == 3
     assert allowed_tokens(state, vocab) == before

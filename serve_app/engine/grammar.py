@@ -109,26 +109,28 @@ class CompiledGrammar:
 class GrammarState:
     """One sequence's position in its grammar."""
 
-    __slots__ = ("_count", "_eos", "_eos_mask", "_finished_at", "_matcher", "spec", "words")
+    __slots__ = ("_count", "_eos", "_eos_mask", "_finished", "_matcher", "spec", "words")
 
     def __init__(self, matcher: llguidance.LLMatcher, eos: frozenset[int], spec: GrammarSpec, words: int):
         self._matcher = matcher
         self._eos = eos
         self.spec = spec
         self.words = words
-        self._finished_at: int | None = None  # tokens accepted when an EOS was accepted
+        # The EOS that ends the grammar is kept here, not given to the matcher: llguidance
+        # 1.9 does not restore a complete object's state when an EOS is rolled back.
+        self._finished = False
         self._eos_mask: torch.Tensor | None = None
-        self._count = 0  # tokens accepted (rollback's bound)
+        self._count = 0  # tokens accepted, the EOS included (rollback's bound)
 
     @property
     def is_finished(self) -> bool:
         """An EOS token was accepted: the grammar is complete."""
-        return self._finished_at is not None
+        return self._finished
 
     @property
     def can_advance(self) -> bool:
         """Whether some token (an EOS at least) may still be accepted."""
-        if self.is_finished:
+        if self._finished:
             return True
         m = self._matcher
         return not m.is_error() and (not m.is_stopped() or m.is_accepting())
@@ -144,7 +146,7 @@ class GrammarState:
         if bitmask.shape[1] > self.words:
             bitmask[row, self.words:] = 0
         target = bitmask[row, :self.words]
-        if self.is_finished:
+        if self._finished:
             target.copy_(self._only_eos(self.words))
             return True
         self._matcher.unsafe_compute_mask_ptr(target.data_ptr(), self.words * 4)
@@ -158,19 +160,17 @@ class GrammarState:
     def accept(self, token: int) -> bool:
         """Advance by one sampled token. False (state unchanged) if the grammar does not
         allow it here."""
-        if self.is_finished:
+        if self._finished:
             return token in self._eos
         m = self._matcher
-        # llguidance's matcher enters a permanent error state on a refused token: check first.
-        # (validate_tokens refuses EOS once the matcher has stopped, though EOS is then allowed.)
         if token in self._eos:
-            if not m.is_accepting() or not m.consume_token(token):
+            if not m.is_accepting():
                 return False
+            self._finished = True
+        # llguidance's matcher enters a permanent error state on a refused token: check first.
         elif m.validate_tokens([token]) != 1 or not m.consume_token(token):
             return False
         self._count += 1
-        if token in self._eos:
-            self._finished_at = self._count
         return True
 
     def rollback(self, n: int) -> None:
@@ -179,16 +179,29 @@ class GrammarState:
             return
         if n > self._count:
             raise ValueError(f"cannot roll back {n} tokens: only {self._count} were accepted")
-        if self._finished_at is not None and self._count - n < self._finished_at:
-            self._finished_at = None
-        self._matcher.rollback(n)
         self._count -= n
+        if self._finished:  # the EOS was the last token, and the matcher never saw it
+            self._finished = False
+            n -= 1
+        if n:
+            self._matcher.rollback(n)
 
     def check_draft(self, tokens: Sequence[int]) -> int:
         """How many of `tokens`, in order from the current state, the grammar allows (state unchanged)."""
-        if self.is_finished:
+        if self._finished:
             return 1 if tokens and tokens[0] in self._eos else 0
-        return self._matcher.validate_tokens(list(tokens))
+        end = next((i for i, t in enumerate(tokens) if t in self._eos), len(tokens))
+        m = self._matcher
+        allowed = m.validate_tokens(list(tokens[:end])) if end else 0
+        if allowed < end or end == len(tokens):
+            return allowed
+        # An EOS after `end` allowed tokens: allowed if the grammar is complete there.
+        if end:
+            m.consume_tokens(list(tokens[:end]))
+        complete = m.is_accepting()
+        if end:
+            m.rollback(end)
+        return end + 1 if complete else end
 
     def fill_draft_masks(self, draft: Sequence[int], bitmask: torch.Tensor, first_row: int) -> int:
         """Masks for a drafted row: `bitmask[first_row + j]` = the mask after accepting
