@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
@@ -139,6 +139,8 @@ class OpenAIFrontend:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
         tools = tool_context(req, self.args)
         grammar = self._output_grammar(req, tools)
+        if tools is not None and grammar is not None and grammar.kind == "tool_calls" and grammar.value:
+            tools = replace(tools, json_answer=True)
         ids = self._encode_chat(req, tools)
         self._check_prompt_length(ids, "messages")
         rid = new_id("chatcmpl")
@@ -321,7 +323,7 @@ class OpenAIFrontend:
     def _chat_choice(self, index: int, out: SequenceOutput, tools: ToolContext | None) -> ChatChoice:
         message, finish = AssistantMessage(content=out.text), out.finish_reason
         if tools is not None:
-            parsed = parse_output(out.text, tools.names)
+            parsed = parse_output(out.text, tools.names, bare_calls=not tools.json_answer)
             if parsed.tool_calls:
                 message = AssistantMessage(content=parsed.content, tool_calls=parsed.tool_calls)
                 finish = "tool_calls" if finish == "stop" else finish
@@ -404,7 +406,8 @@ class OpenAIFrontend:
             # With tools, each choice's text goes through a parser that sends calls as
             # delta.tool_calls fragments and the rest as content.
             parsers = {} if prepared.tools is None else {
-                i: ToolCallParser(prepared.tools.names) for i in range(len(prepared.requests))}
+                i: ToolCallParser(prepared.tools.names, bare_calls=not prepared.tools.json_answer)
+                for i in range(len(prepared.requests))}
             async for index, out in _prepend(first, outputs):
                 raise_if_failed(out)
                 if index in parsers:

@@ -47,6 +47,7 @@ class ToolContext:
     choice: str  # "auto" | "required" | "named"
     forced_name: str | None = None  # choice == "named"
     parallel: bool = True
+    json_answer: bool = False  # a JSON response_format too: a bare JSON answer is that, not a call
 
     @property
     def names(self) -> frozenset[str]:
@@ -205,6 +206,7 @@ class ToolCallParser:
     known tool is passed on as content."""
 
     names: frozenset[str]
+    bare_calls: bool = True  # whether a whole answer that is JSON may be calls
     calls: list[_Call] = field(default_factory=list)
     _buffer: str = ""
     _mode: str = "text"  # text | call | arguments | after | bare
@@ -252,7 +254,7 @@ class ToolCallParser:
 
     def _step_text(self, events: list, final: bool) -> None:
         buf = self._buffer
-        if not self._emitted_content and not self.calls and buf.lstrip()[:1] in ("{", "["):
+        if self.bare_calls and not self._emitted_content and not self.calls and buf.lstrip()[:1] in ("{", "["):
             self._mode = "bare"  # maybe a bare JSON call: decided at the end
             return
         start = buf.find(OPEN_TAG)
@@ -263,7 +265,7 @@ class ToolCallParser:
             self._mode = "call"
             return
         keep = 0 if final else _partial_suffix(buf, OPEN_TAG)
-        if not buf.lstrip() and not final:
+        if self.bare_calls and not buf.lstrip() and not final:
             keep = len(buf)  # only whitespace so far: a bare JSON answer may still start
         self._content(events, buf[:len(buf) - keep])
         self._buffer = buf[len(buf) - keep:]
@@ -393,9 +395,9 @@ def _as_bare_calls(text: str, names: frozenset[str]) -> list[tuple[str, str]] | 
     return calls if calls and all(calls) else None
 
 
-def parse_output(text: str, names: frozenset[str]) -> ParsedOutput:
+def parse_output(text: str, names: frozenset[str], bare_calls: bool = True) -> ParsedOutput:
     """A whole answer's content and calls (what streaming would have sent, reassembled)."""
-    parser = ToolCallParser(names)
+    parser = ToolCallParser(names, bare_calls)
     events = parser.feed(text) + parser.finish()
     content = "".join(piece for kind, piece in events if kind == "content")
     calls = parser.tool_calls()

@@ -511,6 +511,15 @@ def test_tools_with_a_json_response_format_give_calls_or_that_json(tokenizer):
     assert kinds == {"calls", "answer"}
     spec = frontend.backend.requests[-1].params.grammar
     assert spec.kind == "tool_calls" and json.loads(spec.value)["title"] == "Weather"
+    # A JSON answer that looks like a call is still the answer, and streams as it comes.
+    frontend = make_frontend(tokenizer, piece=4)
+    frontend.backend.answer = lambda request: '{"name": "now", "arguments": {}}'
+    body = {"model": TINY, "messages": USER, "tools": [NOW], "response_format": {"type": "json_object"}}
+    out = asyncio.run(frontend.chat(frontend.prepare_chat(body)))
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": '{"name": "now", "arguments": {}}'}
+    chunks = asyncio.run(collect(frontend, {**body, "stream": True}))
+    contents = [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"][0]["delta"].get("content")]
+    assert len(contents) > 1 and "".join(contents) == '{"name": "now", "arguments": {}}'
 
 
 # ---------------------------------------------------------------- the openai client, end to end
