@@ -175,6 +175,14 @@ class AppArgs(BaseModel):
         None, ge=1, description="Tokens in one prompt (default: max_model_len - 1); longer prompts get 400.")
     body_read_timeout_s: float = Field(
         30.0, gt=0, description="Deadline for receiving a request body; a slower client gets 408.")
+    max_schema_bytes: int = Field(
+        65_536, ge=256, description="Size of the grammar one request may constrain its output to: the JSON text "
+        "of a response_format / guided_json schema, a guided regex or grammar, or all of its tools' parameter "
+        "schemas together; larger ones get 400.")
+    max_tools: int = Field(128, ge=1, description="Tools in one chat request.")
+    grammar_cache_size: int = Field(
+        256, ge=1, description="Compiled grammars (JSON schemas, tool sets, regexes...) each process keeps; "
+        "a repeated schema is not compiled again.")
 
     # Operations
     metrics: bool = Field(True, description="Export Prometheus metrics through Ray (README 'Operations').")

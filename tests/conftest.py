@@ -73,6 +73,42 @@ def engine_factory(model, tokenizer):
     return make
 
 
+def token_texts(tokenizer) -> list[str]:
+    return [tokenizer.decode([t]) for t in range(len(tokenizer))]
+
+
+def closing_bonus(tokenizer):
+    """1 for the tokens that close JSON things (quotes, brackets, commas) and EOS, else 0."""
+    import torch
+
+    bonus = torch.tensor([1.0 if any(c in text for c in '"}],') else 0.0 for text in token_texts(tokenizer)])
+    bonus[tokenizer.eos_token_id] = 1.0
+    return bonus
+
+
+def grammar_walk(state, tokenizer, seed: int, max_steps: int = 400, closers=None) -> list[int]:
+    """What a model under a grammar could write: sample at temperature 1 from random logits
+    masked by `state` (serve_app.engine.grammar) until EOS. After 20 tokens the `closers`
+    (closing_bonus) get a growing bonus, so that walks through unbounded strings and numbers end."""
+    import torch
+
+    from serve_app.engine.grammar import apply_masks
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens: list[int] = []
+    for step in range(max_steps):
+        logits = torch.randn(1, len(tokenizer), generator=gen)
+        if closers is not None and step > 20:
+            logits[0] += closers * (step - 20) * 0.5
+        assert apply_masks(logits, [0], [state]) == []
+        token = int(torch.multinomial(logits[0].softmax(-1), 1, generator=gen))
+        assert state.accept(token), (token, tokenizer.decode(tokens))
+        tokens.append(token)
+        if state.is_finished:
+            return tokens
+    pytest.fail(f"walk did not finish in {max_steps} tokens: {tokenizer.decode(tokens)!r}")
+
+
 @pytest.fixture(scope="session")
 def lively_model(tiny_model):
     """The tiny model's tokenizer with a random Llama whose greedy output varies from token to

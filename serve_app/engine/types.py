@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.engine.grammar_spec import GrammarSpec
+
 GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM
 
 # The bounds of a sampling parameter, declared once: the engine's SamplingParams and the
@@ -39,6 +41,9 @@ class SamplingParams(BaseModel):
     repetition_penalty: RepetitionPenalty = 1.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     logprobs: TopLogprobs | None = None
+    # Structured output / forced tool calls: the output must match this grammar (the replica
+    # compiles it; serve_app/engine/grammar.py says how the sampler applies it).
+    grammar: GrammarSpec | None = None
 
     @property
     def processes_logits(self) -> bool:
