@@ -1,13 +1,8 @@
 """Structured output and tool calls end to end: the official openai client against the
-served app (Ray, router, replica, engine, the tiny random model).
-
-NEEDS THE ENGINE INTEGRATION (issue 20): these pass only once the replica compiles
-`SamplingParams.grammar` and the sampler applies its masks (the contract is in
-serve_app/engine/grammar.py's docstring). Until then the engine ignores the grammar and
-the tiny model's free text fails every check, so the module is skipped with that reason
-(visible in pytest's summary). Remove `pytestmark` below with the integration.
-The same scenarios run today against the frontend alone in test_structured_output.py.
-"""
+served app (Ray, router, replica, engine, the tiny random model). The random model writes
+valid JSON and calls only because the engine masks its logits by the request's grammar
+(serve_app/engine/constraints.py). test_structured_output.py runs the same scenarios
+against the frontend alone."""
 
 from __future__ import annotations
 
@@ -20,9 +15,6 @@ import pytest
 from pydantic import BaseModel, Field
 
 from tests.conftest import TINY
-
-pytestmark = pytest.mark.skip(reason="needs the engine integration of SamplingParams.grammar (issue 20): "
-                                     "the sampler does not apply grammar masks yet")
 
 USER = [{"role": "user", "content": "What's the weather in Paris?"}]
 WEATHER_TOOL = {"type": "function", "function": {

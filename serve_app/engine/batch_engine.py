@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import torch
 
 from serve_app.engine.block_manager import BlockManager
+from serve_app.engine.constraints import Constraints, RowFailed
 from serve_app.engine.engine_config import EngineConfig
 from serve_app.engine.kv_cache import KVCache
 from serve_app.engine.model_runner import build_runner, pack_step
@@ -47,6 +48,8 @@ class BatchEngine:
         self.kv = KVCache.for_model(self.runner.config, config.kv_cache_tokens, config.block_size, self.dtype,
                                     self.device)
         self.blocks = BlockManager(self.kv.num_blocks, config.block_size, config.enable_prefix_caching, self.device)
+        self.constraints = Constraints(tokenizer, self.runner.config.vocab_size, self.eos_token_ids,
+                                       config.grammar_cache_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.num_speculative_tokens, config.speculative_max_rows)
         # Steps longer than this silence every stream that long: after a step overran it the
@@ -69,8 +72,9 @@ class BatchEngine:
             raise ValueError(f"prompt of {len(request.prompt_token_ids)} tokens does not fit "
                              f"the context of {self.max_model_len}")
         salt = sequence_salt(self.config.cache_salt, request.cache_salt)
-        self.scheduler.add(Sequence(request, self.tokenizer, self.device, self.max_model_len,
-                                    self.config.block_size, salt))
+        seq = Sequence(request, self.tokenizer, self.device, self.max_model_len, self.config.block_size, salt)
+        self.scheduler.add(seq)
+        self.constraints.submit(seq)
 
     def cancel(self, request_id: str) -> None:
         """Stop a sequence at the next step boundary (waiting or running)."""
@@ -103,6 +107,8 @@ class BatchEngine:
 
     def _step(self) -> list[SequenceOutput]:
         outputs = self._drop_cancelled()
+        for seq, error in self.constraints.resolve(self.scheduler.waiting):
+            outputs.append(self._fail(seq, error))
         try:
             plan = self.scheduler.schedule()
             self.last_step_tokens = plan.num_tokens
@@ -170,7 +176,10 @@ class BatchEngine:
         if any(p.processes_logits for p in params):
             logits = process_logits(logits.float().clone(), params, [(s.prompt_ids, s.output_ids) for s in seqs],
                                     self.eos_token_ids)
+        logits, dead = self.constraints.mask(logits, seqs, raw)
         tokens = sample_next_tokens(logits, params, [s.generator for s in seqs])
+        for i, error in dead.items():  # no token continues its grammar
+            tokens[i] = RowFailed(error)
         logprobs: dict[int, tuple] = {}
         rows = [i for i, p in enumerate(params) if p.logprobs is not None and isinstance(tokens[i], int)]
         if rows:
@@ -189,6 +198,7 @@ class BatchEngine:
         if not drafts:
             return []
         seqs = [seq for seq, _ in drafts]
+        logits = self.constraints.mask_drafts(logits, drafts)
         emitted = check_drafts(logits, [d for _, d in drafts], [s.params for s in seqs], [s.generator for s in seqs])
         outputs = []
         for (seq, draft), tokens in zip(drafts, emitted):
@@ -212,20 +222,27 @@ class BatchEngine:
                 taken.append(token)
                 if seq.finish_reason:
                     break
+        except RowFailed as e:
+            return self._fail(seq, str(e))
         except Exception as e:
             logger.exception("sequence %s failed", seq.request_id)
-            seq.finish_reason = "error"
-            self.scheduler.remove(seq)
-            out = seq.output("", [])
-            out.error = f"generation failed: {type(e).__name__}: {e}"
-            return out
+            return self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
         return seq.output(text, taken)
+
+    def _fail(self, seq: Sequence, error: str) -> SequenceOutput:
+        """End one sequence with an error (the others in the batch go on)."""
+        seq.finish_reason = "error"
+        self.scheduler.remove(seq)
+        out = seq.output("", [])
+        out.error = error
+        return out
 
     def _advance_one(self, seq: Sequence, token: int | Exception) -> str:
         """Append one token; the text it completes (finishing the sequence when it should)."""
         if isinstance(token, Exception):
             raise token
         seq.output_ids.append(token)
+        self.constraints.accept(seq, token)
         is_eos = token in self.eos_token_ids and not seq.params.ignore_eos
         text = "" if is_eos else seq.detok.add_token(token)
         if is_eos or seq.detok.stopped:

@@ -20,4 +20,5 @@ class EngineConfig:
     enable_prefix_caching: bool
     cache_salt: str  # keeps this model's cached blocks apart from any other's
     runner: Literal["auto", "native", "transformers"]
+    grammar_cache_size: int  # compiled grammars kept
     block_size: int = BLOCK_SIZE

@@ -42,6 +42,7 @@ def engine_config(args: AppArgs, device_type: str, max_model_len: int) -> Engine
         enable_prefix_caching=args.enable_prefix_caching,
         cache_salt=args.model,
         runner=args.runner,
+        grammar_cache_size=args.grammar_cache_size,
     )
 
 

@@ -79,11 +79,14 @@ class Scheduler:
                 return step
             if not seq.prefilled:
                 budget -= self._prefill(step, seq, budget)
-        while budget and self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if not budget or len(self.running) >= self.max_num_seqs:
+                break
+            if not seq.ready:
+                continue  # its grammar is still compiling: the next arrival may go first
             if not self.blocks.allocate(seq):
                 break  # first come, first served: later arrivals do not overtake it
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
             budget -= self._prefill(step, seq, budget)
         if (self.num_speculative_tokens and not step.prefills and not self.waiting

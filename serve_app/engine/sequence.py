@@ -17,7 +17,7 @@ class Sequence:
     __slots__ = ("request", "params", "prompt_ids", "output_ids", "num_cached", "max_len", "detok",
                  "generator", "finish_reason", "ngrams", "draft_len", "cache_salt", "block_hashes",
                  "block_table", "block_table_tensor", "slot_map", "first_slot", "num_computed_blocks",
-                 "num_cached_prompt")
+                 "num_cached_prompt", "grammar", "grammar_future")
 
     def __init__(self, request: GenerationRequest, tokenizer, device: torch.device, max_model_len: int,
                  block_size: int = 16, cache_salt: str = ""):
@@ -36,6 +36,9 @@ class Sequence:
         self.first_slot: int | None = None  # where it starts if its blocks are consecutive
         self.num_computed_blocks = 0  # leading blocks whose keys/values are all written
         self.num_cached_prompt = 0  # prompt tokens served from the prefix cache
+        # Constrained decoding (constraints.py): its grammar being compiled, then its state.
+        self.grammar_future = None
+        self.grammar = None
         # The most tokens it can ever hold: what admission reserves in the KV cache.
         self.max_len = min(len(self.prompt_ids) + self.params.max_tokens, max_model_len)
         self.detok = IncrementalDetokenizer(tokenizer, self.params.stop)
@@ -75,6 +78,11 @@ class Sequence:
         self.slot_map = (table.unsqueeze(1) * block_size + offsets).flatten()
         consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))
         self.first_slot = blocks[0] * block_size if consecutive else None
+
+    @property
+    def ready(self) -> bool:
+        """Nothing keeps it from being admitted (its grammar, if any, is compiled)."""
+        return self.grammar_future is None or self.grammar is not None
 
     @property
     def prefilled(self) -> bool:
