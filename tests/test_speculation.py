@@ -105,17 +105,16 @@ def test_drafts_end_at_max_tokens_stop_strings_and_eos(looping_engine_factory, e
     stop = text[len(text) // 2:len(text) // 2 + 3]
     a, b = run(plain, [greedy("s", ids, n=30, stop=[stop])]), run(spec, [greedy("s", ids, n=30, stop=[stop])])
     assert (a["s"][0], a["s"][2].finish_reason) == (b["s"][0], b["s"][2].finish_reason) == (a["s"][0], "stop")
-    # EOS inside a kept draft ends the sequence there (the model's eos is one of the tokens it repeats).
+    # EOS inside a kept draft ends the sequence there: the draft's tokens after it are dropped.
     eos = lively_model[1].eos_token_id
-    looping = [5, 6, eos, 7] * 4
-    for engine in (plain, spec):
-        out = run(engine, [GenerationRequest(request_id="e", prompt_token_ids=looping,
-                                             params=SamplingParams(max_tokens=40, temperature=0))])
-        assert out["e"][2].finish_reason in ("stop", "length")
-    assert run(plain, [GenerationRequest(request_id="e", prompt_token_ids=looping,
-                                         params=SamplingParams(max_tokens=40, temperature=0))])["e"][1] == \
-        run(spec, [GenerationRequest(request_id="e", prompt_token_ids=looping,
-                                     params=SamplingParams(max_tokens=40, temperature=0))])["e"][1]
+    spec.add(GenerationRequest(request_id="e", prompt_token_ids=ids, params=SamplingParams(max_tokens=30,
+                                                                                         temperature=0)))
+    spec.step()  # prefilled, one token sampled
+    seq = spec.running[0]
+    before = list(seq.output_ids)
+    out = spec._emit(seq, [11, eos, 12, 13])  # what check_drafts returns for a fully kept draft [11, eos, 12]
+    assert (out.token_ids, out.finish_reason) == ([11, eos], "stop")
+    assert seq.output_ids == before + [11, eos] and not spec.has_work
 
 
 def test_seeded_logprob_and_penalty_rows_decode_one_token_per_step(looping_engine_factory, encode):
