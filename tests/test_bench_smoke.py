@@ -62,3 +62,45 @@ def test_speculation_bench_runs_both_engines_to_the_same_tokens(tiny_engine_fact
     results = [run(tiny_engine_factory(num_speculative_tokens=k), prompts, 12, True) for k in (0, 4)]
     assert all(rate > 0 for rate, _ in results)
     assert results[0][1] == results[1][1] and all(len(t) == 12 for t in results[0][1])
+
+
+def test_cached_tokens_read_from_openai_usage_or_llama_cpp_timings():
+    from bench.loadgen import cached_tokens
+
+    assert cached_tokens({"usage": {"prompt_tokens": 90, "prompt_tokens_details": {"cached_tokens": 64}}}) == 64
+    # llama-server's own field, where usage has no details
+    assert cached_tokens({"usage": {"prompt_tokens": 90}, "timings": {"cache_n": 80, "prompt_n": 10}}) == 80
+    assert cached_tokens({"usage": {"prompt_tokens": 90, "prompt_tokens_details": None}}) == 0
+    assert cached_tokens({"choices": []}) == 0
+
+
+def test_multiturn_chat_carries_history_and_reports_turns(server, tiny_model):
+    from bench.multiturn import CUSTOMERS, MultiTurnChat, run_multiturn
+    from bench.report import multiturn_table
+
+    system = "You are the store's assistant. Returns are accepted within 30 days."
+    chat = MultiTurnChat(users=3, turns=3, max_tokens=4, ignore_eos=True, system_prompt=system)
+    report = asyncio.run(run_multiturn(server, TINY, chat, fresh_connections=True))
+    assert report["completed"] == 9 and report["failed_by_status"] == {}
+    assert report["output_tokens"] == 9 * 4
+    turns = report["turns"]
+    assert [(t["user"], t["turn"]) for t in turns] == [(u, k) for u in range(3) for k in range(3)]
+    tokenizer = tiny_model[1]
+    for user in range(3):
+        mine = [t for t in turns if t["user"] == user]
+        assert all(t["reply"] for t in mine)
+        # Each turn sent the system prompt, this user's questions so far and the replies actually given.
+        conversation = [{"role": "system", "content": system}]
+        for t in mine:
+            conversation.append({"role": "user", "content": CUSTOMERS[user][t["turn"]]})
+            expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+            assert t["prompt_tokens"] == len(expected), (user, t["turn"])
+            conversation.append({"role": "assistant", "content": t["reply"]})
+    assert report["prompt_tokens"] == sum(t["prompt_tokens"] for t in turns)
+    assert report["cached_prompt_tokens"] == sum(t["cached_tokens"] for t in turns)
+    assert 0 <= report["cached_fraction"] <= 1
+    assert report["first_turn_ttft_s"]["p50"] > 0 and report["later_turn_ttft_s"]["p50"] > 0
+    report["system"] = "serve_app"
+    assert "| serve_app |" in multiturn_table([report])
+
