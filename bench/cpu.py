@@ -2,7 +2,8 @@
 
 Ray names its worker processes after what they run (`ray::ServeReplica:<app>:Router`,
 `ray::ProxyActor`, ...); this samples their user + system CPU time before and after
-a run and reports cores used and CPU milliseconds per output token for each role.
+a run and reports cores used and CPU milliseconds per output token for each role
+(llama.cpp's `llama-server` too, when the benchmark runs it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import psutil
 
 ROLES = (("ProxyActor", "proxy"), (":Ingress", "ingress"), (":Router", "router"),
          (":ModelReplica", "replica"), ("raylet", "ray system"), ("gcs_server", "ray system"),
-         ("ServeController", "ray system"))
+         ("ServeController", "ray system"), ("llama-server", "llama-server"))
 
 
 def role_of(proc: psutil.Process) -> str | None:

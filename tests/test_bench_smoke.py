@@ -104,3 +104,39 @@ def test_multiturn_chat_carries_history_and_reports_turns(server, tiny_model):
     report["system"] = "serve_app"
     assert "| serve_app |" in multiturn_table([report])
 
+
+def test_run_reports_a_ratio_for_every_target_row():
+    from bench.run import MULTITURN, PREFILL, SCENARIOS, llama_cpp_fits, ratios, targets
+
+    def run(system, label, tok_s, itl, ttft, later=None):
+        r = {"system": system, "scenario": label, "completed": 1, "steady_output_tokens_per_s": tok_s,
+             "output_tokens_per_s": tok_s, "itl_s": {"p50": itl}, "ttft_s": {"p50": ttft},
+             "cpu": {"proxy + ingress + router": {"cores": 0.1}}}
+        if later is not None:
+            r |= {"later_turn_ttft_s": {"p50": later}, "first_turn_ttft_s": {"p50": 2 * later},
+                  "cached_fraction": 0.5 if system == "serve_app" else 0.75}
+        return r
+
+    runs = []
+    for system, speed in (("serve_app", 1.0), ("llama.cpp BF16", 2.0), ("llama.cpp F32", 4.0)):
+        runs += [run(system, SCENARIOS[0][0], 100 * speed, 0.1 / speed, 1.0),
+                 run(system, "concurrency 1", 10 * speed, 0.2 / speed, 1.0),
+                 run(system, PREFILL, 1, None, 3.0 / speed),
+                 run(system, MULTITURN, 20 * speed, 0.1, 1.0, later=0.6 / speed)]
+    runs.append(run("serve_app ×2", MULTITURN, 20, 0.1, 1.0, later=0.5) | {"cached_fraction": 0.45})
+    offline = {"output_tokens_per_s": 200.0, "duration_s": 10.0, "output_tokens": 640, "batch_size": 32,
+               "prefill_s": 0.5}
+    found = ratios(runs, offline, ["bf16", "f32"], replicas=2)
+    for key, *_ in targets(["bf16", "f32"], replicas=2):
+        assert key in found, key
+    assert found["closed_loop_vs_llama_cpp_bf16"] == 0.5 and found["closed_loop_vs_llama_cpp_f32"] == 0.25
+    assert found["c1_itl_p50_vs_llama_cpp_bf16"] == 2.0
+    assert found["prefill_2k_ttft_vs_llama_cpp_f32"] == 4.0
+    assert found["multiturn_later_ttft_vs_llama_cpp_bf16"] == 2.0
+    assert found["multiturn_cached_fraction"] == 0.5
+    assert abs(found["multiturn_cached_fraction_replicas_vs_1"] - 0.9) < 1e-9
+    # Without serve_app and the offline limit, the peers' rows are simply absent.
+    assert ratios([r for r in runs if r["system"] != "serve_app"], None, ["bf16"])["closed_loop_vs_llama_cpp_bf16"] is None
+    # llama-server's 2,048-token slots hold every scenario but the 2-3k-token prompts.
+    fits = {label: llama_cpp_fits(kw, 65536 // 32) for label, kw in SCENARIOS}
+    assert [label for label, ok in fits.items() if not ok] == ["closed loop c=16, 10% long prompts"]
