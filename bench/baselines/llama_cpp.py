@@ -110,6 +110,7 @@ def ensure_source(version: str = VERSION) -> Path:
                 tar.extractall(tmp, members=members, filter="data")
             if not (tmp / "CMakeLists.txt").exists():
                 raise RuntimeError(f"{url} has no llama.cpp/CMakeLists.txt")
+            tmp.chmod(0o755)  # mkdtemp's 0700
             if tree.exists():  # a partial tree from an interrupted run
                 shutil.rmtree(tree)
             tmp.rename(tree)
