@@ -162,6 +162,7 @@ def run_serve_app(model: str, port: int, server_args: dict, scenarios, replicas:
         if replicas > 1 and multiturn:
             scaled = {**server_args, "torch_threads": 1,
                       "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}
+            serve.delete("serve_app")  # frees the replica's CPU before the new ones ask for theirs
             serve.run(build_app({"model": model, **scaled}), name="serve_app", route_prefix="/")
             asyncio.run(run_load(url, model, Workload(16, 4), 2 * replicas, concurrency=2 * replicas))
             runs += [measure(f"serve_app ×{replicas}", url, model, label, kwargs) for label, kwargs in multiturn]
