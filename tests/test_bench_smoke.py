@@ -105,8 +105,9 @@ def test_multiturn_chat_carries_history_and_reports_turns(server, tiny_model):
     assert "| serve_app |" in multiturn_table([report])
 
 
-def test_run_reports_a_ratio_for_every_target_row():
-    from bench.run import MULTITURN, PREFILL, SCENARIOS, llama_cpp_fits, ratios, targets
+def test_run_reports_a_ratio_for_every_target_row(tmp_path, monkeypatch):
+    import bench.run
+    from bench.run import MULTITURN, PREFILL, SCENARIOS, llama_cpp_fits, ratios, targets, write_reports
 
     def run(system, label, tok_s, itl, ttft, later=None):
         r = {"system": system, "scenario": label, "completed": 1, "steady_output_tokens_per_s": tok_s,
@@ -136,7 +137,13 @@ def test_run_reports_a_ratio_for_every_target_row():
     assert found["multiturn_cached_fraction"] == 0.5
     assert abs(found["multiturn_cached_fraction_replicas_vs_1"] - 0.9) < 1e-9
     # Without serve_app and the offline limit, the peers' rows are simply absent.
-    assert ratios([r for r in runs if r["system"] != "serve_app"], None, ["bf16"])["closed_loop_vs_llama_cpp_bf16"] is None
+    alone = [r for r in runs if r["system"] != "serve_app"]
+    assert ratios(alone, None, ["bf16"])["closed_loop_vs_llama_cpp_bf16"] is None
+    monkeypatch.setattr(bench.run, "RESULTS", tmp_path)
+    write_reports("peers", {"model": "m", "machine": "x", "server_args": {}, "offline": None, "replicas": 1,
+                            "llama_cpp_types": ["bf16"], "ratios": ratios(alone, None, ["bf16"]), "runs": []})
+    assert "| closed loop c=32 mixed, steady tok/s ÷ llama.cpp BF16 | not run | ≥ 1.0 | |" in \
+        (tmp_path / "peers.md").read_text()
     # llama-server's 2,048-token slots hold every scenario but the 2-3k-token prompts.
     fits = {label: llama_cpp_fits(kw, 65536 // 32) for label, kw in SCENARIOS}
     assert [label for label, ok in fits.items() if not ok] == ["closed loop c=16, 10% long prompts"]
