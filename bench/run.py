@@ -182,7 +182,8 @@ def llama_cpp_fits(kwargs: dict, slot_tokens: int) -> bool:
     return longest + (workload.mixed_output[1] if workload.mixed_output else workload.output_tokens) <= slot_tokens
 
 
-def run_llama_cpp(model: str, outtypes: list[str], scenarios, ctx: int = 65536, parallel: int = 32) -> list[dict]:
+def run_llama_cpp(model: str, outtypes: list[str], scenarios, ctx: int = 65536, parallel: int = 32,
+                  threads: int | None = None) -> list[dict]:
     """The same scenarios against llama.cpp's llama-server, one GGUF type after the other
     (converted from the weights serve_app serves), one connection per request."""
     from bench.baselines.llama_cpp import ensure_llama_server, gguf_for, llama_server
@@ -192,7 +193,8 @@ def run_llama_cpp(model: str, outtypes: list[str], scenarios, ctx: int = 65536, 
     runs = []
     for outtype, gguf in ggufs.items():
         system = f"llama.cpp {outtype.upper()}"
-        with llama_server(gguf, free_port(), served_name=model, parallel=parallel, ctx=ctx, binary=binary) as url:
+        with llama_server(gguf, free_port(), served_name=model, threads=threads, parallel=parallel, ctx=ctx,
+                          binary=binary) as url:
             asyncio.run(run_load(url, model, Workload(16, 4), 4, concurrency=4, fresh_connections=True))  # warm-up
             for label, kwargs in scenarios:
                 if not llama_cpp_fits(kwargs, ctx // parallel):
@@ -266,6 +268,9 @@ def main() -> None:
     p.add_argument("--llama-cpp-ctx", type=int, default=65536,
                    help="llama-server -c, split over its 32 slots (65536: 2,048 tokens each, too few for the "
                         "long-prompt scenario, which is then skipped for it)")
+    p.add_argument("--llama-cpp-threads", type=int, default=None,
+                   help="llama-server -t and -tb (default: every core). Its threads spin at barriers, so on a "
+                        "machine others are using, one thread per core it does not have stalls every step")
     p.add_argument("--replicas", type=int, default=1,
                    help="also run the multi-turn scenario on this many model replicas (torch_threads 1 each)")
     p.add_argument("--skip-serve-app", action="store_true",
@@ -304,12 +309,14 @@ def main() -> None:
             print(f"  transformers serve did not run: {type(e).__name__}: {e}", flush=True)
     llama_types = a.llama_cpp_types if a.with_llama_cpp else []
     if llama_types:
-        runs += run_llama_cpp(a.model, llama_types, scenarios, ctx=a.llama_cpp_ctx)
+        runs += run_llama_cpp(a.model, llama_types, scenarios, ctx=a.llama_cpp_ctx, threads=a.llama_cpp_threads)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch threads {a.torch_threads}"
     name = a.name or ("quick" if a.quick else "full")
     RESULTS.mkdir(exist_ok=True)
     payload = {"model": a.model, "machine": machine, "server_args": server_args, "offline": offline,
                "llama_cpp_types": llama_types, "replicas": a.replicas,
+               "llama_cpp_server": llama_types and {"threads": a.llama_cpp_threads or os.cpu_count(),
+                                                    "ctx": a.llama_cpp_ctx, "parallel": 32},
                "ratios": ratios(runs, offline, llama_types, a.replicas), "runs": runs}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     write_reports(name, payload)
@@ -405,6 +412,11 @@ def write_reports(name: str, payload: dict) -> None:
         lines += [f"Offline limit (`generate`, static batch 32, 128→128): {offline['output_tokens_per_s']:.1f} tok/s, "
                   f"mean step {found['offline_step_s'] * 1000:.0f} ms; batch-1 prefill "
                   f"{offline['prefill_s'] * 1000:.0f} ms.", ""]
+    if payload.get("llama_cpp_server"):
+        peer = payload["llama_cpp_server"]
+        lines += [f"llama.cpp: llama-server -np {peer['parallel']} -c {peer['ctx']} -t {peer['threads']} "
+                  f"-tb {peer['threads']}, GGUF {', '.join(payload['llama_cpp_types'])} converted from the same "
+                  "weights; one connection per request.", ""]
     lines += ["| target | measured | goal | |", "|---|---|---|---|"]
     for key, text, goal, higher in targets(payload.get("llama_cpp_types", ()), payload.get("replicas", 1)):
         value = found.get(key)
