@@ -24,9 +24,10 @@ def role_of(proc: psutil.Process) -> str | None:
 
 
 def snapshot() -> dict[int, tuple[str, float]]:
-    """pid -> (role, CPU seconds so far), for every serving process on this machine."""
+    """pid -> (role, CPU seconds so far), for every serving process this process started (Ray's,
+    started by ray.init here, and llama-server): not those of other Ray clusters on the machine."""
     out = {}
-    for proc in psutil.process_iter():
+    for proc in psutil.Process().children(recursive=True):
         role = role_of(proc)
         if role is None:
             continue
