@@ -46,18 +46,47 @@ def unsupported_reason(config, max_model_len: int) -> str | None:
     return None
 
 
+PACKED_MIN_ROWS = 4  # below this a plain (GEMV) product is faster than the packed one
+
+
+class Projection:
+    """x @ W.T (+ b). On a CPU with oneDNN, W is also kept packed in oneDNN's blocked layout, used
+    from PACKED_MIN_ROWS rows up: MKL's plain sgemm repacks W on every call, which dominated the
+    products of a decode step (32 rows x SmolLM2's 576 x 3072 gate/up: 1.9 ms plain, 0.6 ms packed,
+    2 cores). The packed copy doubles the weights' memory."""
+
+    __slots__ = ("bias", "packed", "weight")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+        self.weight = weight.detach().contiguous()
+        self.bias = None if bias is None else bias.detach().contiguous()
+        self.packed = None
+        if pack:
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+            except (RuntimeError, AttributeError):  # a torch build without oneDNN: plain products
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Projection
+    o: Projection
     q_norm: torch.Tensor | None  # Qwen3: RMSNorm of each head's query and key
     k_norm: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Projection
+    down: Projection
 
 
 def _cat(*tensors: torch.Tensor | None) -> torch.Tensor | None:
@@ -78,10 +107,11 @@ class LlamaRunner:
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         inner = model.model
+        self.pack = can_pack(self.dtype, self.device)
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach()
             self.final_norm = inner.norm.weight.detach().float()
-            self.lm_head = model.lm_head.weight.detach()
+            self.lm_head = Projection(model.lm_head.weight, None, self.pack)
             self.layers = [self._layer(layer) for layer in inner.layers]
             self.cos, self.sin = self._rope_tables(inner.rotary_emb, max_model_len)
 
@@ -93,15 +123,15 @@ class LlamaRunner:
 
         return LayerWeights(
             input_norm=layer.input_layernorm.weight.detach().float(),
-            qkv=_cat(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
-            qkv_bias=_cat(bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj)),
-            o=attn.o_proj.weight.detach(),
-            o_bias=bias(attn.o_proj),
+            qkv=Projection(_cat(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
+                           _cat(bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj)), self.pack),
+            o=Projection(attn.o_proj.weight, bias(attn.o_proj), self.pack),
             q_norm=attn.q_norm.weight.detach().float() if hasattr(attn, "q_norm") else None,
             k_norm=attn.k_norm.weight.detach().float() if hasattr(attn, "k_norm") else None,
             post_norm=layer.post_attention_layernorm.weight.detach().float(),
-            gate_up=_cat(mlp.gate_proj.weight, mlp.up_proj.weight),
-            down=mlp.down_proj.weight.detach(),
+            gate_up=Projection(_cat(mlp.gate_proj.weight, mlp.up_proj.weight),
+                               _cat(bias(mlp.gate_proj), bias(mlp.up_proj)), self.pack),
+            down=Projection(mlp.down_proj.weight, bias(mlp.down_proj), self.pack),
         )
 
     def _rope_tables(self, rotary, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +163,7 @@ class LlamaRunner:
         x = F.embedding(step.input_ids, self.embed).float()  # the residual stream, float32
         for i, w in enumerate(self.layers):
             h = self._norm(x, w.input_norm).to(dtype)
-            qkv = F.linear(h, w.qkv, w.qkv_bias)
+            qkv = w.qkv(h)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(T, self.num_heads, self.head_dim)
             k = k.view(T, self.num_kv_heads, self.head_dim)
@@ -144,10 +174,10 @@ class LlamaRunner:
             q = self._rotate(q, step_cos, sin)
             k = self._rotate(k, step_cos, sin)
             o = paged_attention(q, k, v, i, step.layout, self.scale)
-            x = x + F.linear(o.view(T, q_size), w.o, w.o_bias).float()
+            x = x + w.o(o.view(T, q_size)).float()
             h = self._norm(x, w.post_norm).to(dtype)
-            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down).float()
+            gate, up = w.gate_up(h).chunk(2, dim=-1)
+            x = x + w.down(F.silu(gate) * up).float()
         x = x.index_select(0, step.logit_rows)
         h = self._norm(x, self.final_norm).to(dtype)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
