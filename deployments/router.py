@@ -27,10 +27,10 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics, quiet_logs, routing_state
 from deployments.detached import broadcast_detached, call_detached
-from deployments.metrics import RequestMetrics, router_metrics
+from deployments.metrics import RequestMetrics, record_embedding, router_metrics
 from deployments.replica import ChannelClosed, ReplicaChannel, stream_via_channel
 from serve_app.admission import AdmissionQueue
-from serve_app.config import AppArgs
+from serve_app.config import ModelServingArgs
 from serve_app.engine.types import GenerationRequest, SequenceOutput
 from serve_app.protocol import APIError
 
@@ -39,10 +39,13 @@ logger = logging.getLogger("ray.serve")
 
 @serve.deployment(name="Router")
 class Router:
+    """One model's admission (`build_app` names it Router-<model>): the same for generation
+    and embedding models; a sequence is a generated choice or one input to embed."""
+
     def __init__(self, replicas: DeploymentHandle, args: dict):
         quiet_logs.install()
-        self.args = AppArgs.model_validate(args)
-        metrics.set_enabled(self.args.metrics)
+        self.args = ModelServingArgs.model_validate(args)
+        metrics.set_enabled(self.args.metrics, model_name=self.args.model_name)
         self.metrics = router_metrics()
         # Initializing the handle makes its request router track the running replicas
         # (routing_state.RUNNING_REPLICAS); this process never sends tokens through it.
@@ -208,6 +211,34 @@ class RoutedBackend:
             # their lease expired. Which router has the key is unknown: tell them all.
             broadcast_detached(self._router, "abandon", key)
             raise
+
+    async def embed(self, inputs: list[list[int]]):
+        """Vectors for these token-id lists from one embedding replica, admitted like a request of
+        len(inputs) sequences. Retried once when the replica or router fails (nothing streamed)."""
+        started = time.monotonic()
+        for attempt in (1, 2):
+            try:
+                vectors = await self._call_once("embed", len(inputs), inputs)
+                break
+            except APIError:
+                raise
+            except RayError as e:
+                if attempt == 2:
+                    raise self._unavailable(e) from None
+                logger.warning("retrying an embedding request after %s", type(e).__name__)
+        record_embedding(self.model_name, time.monotonic() - started, sum(len(ids) for ids in inputs), len(inputs))
+        return vectors
+
+    async def _call_once(self, method: str, num_sequences: int, *args):
+        """`method(*args)` on the model replica the Router admits this request to."""
+        router_id, lease_id, replica_id = await self._admit(num_sequences)
+        self._held[lease_id] = router_id
+        self._start_renewing()
+        try:
+            return await getattr(self._replicas, method).remote(*args, replica_id=replica_id)
+        finally:
+            self._held.pop(lease_id, None)
+            call_detached(self._router.release, lease_id, replica_id=router_id)
 
     def _unavailable(self, error: Exception) -> APIError:
         return APIError(503, f"the model server failed while generating ({type(error).__name__}); retry",

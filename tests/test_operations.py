@@ -110,7 +110,7 @@ def test_a_request_id_comes_back_and_is_in_every_log_of_the_graph(ops_app):
     deadline = time.monotonic() + 10
     while True:
         seen = {part for part in ("Ingress", "Router", "ModelReplica")
-                for f in glob.glob(f"{logs}/replica_ops_{part}_*.log") if rid in open(f).read()}
+                for f in glob.glob(f"{logs}/replica_ops_{part}*.log") if rid in open(f).read()}
         if seen == {"Ingress", "Router", "ModelReplica"} or time.monotonic() > deadline:
             break
         time.sleep(0.5)

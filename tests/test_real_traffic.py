@@ -11,7 +11,7 @@ import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY
+from tests.conftest import APP_ARGS, TINY, deployment, model_stats
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +44,15 @@ def test_closed_loop_clients_get_their_exact_solo_answers_through_two_routers(sc
     for prompt, _, text in answers:
         if prompt in solo:
             assert text == solo[prompt]
-    stats = requests.get(f"{scaled_out}/stats", timeout=10).json()["router"]
+    stats = model_stats(scaled_out, timeout=10)["router"]
     assert stats["routers"] == 2 and stats["admitted"] >= 30 and stats["queue_length"] == 0
     deadline = time.monotonic() + 5  # releases are fire-and-forget: give the last ones a moment
     while stats["in_flight_sequences"] and time.monotonic() < deadline:
         time.sleep(0.1)
-        stats = requests.get(f"{scaled_out}/stats", timeout=10).json()["router"]
+        stats = model_stats(scaled_out, timeout=10)["router"]
     assert stats["in_flight_sequences"] == 0 and stats["expired_leases"] == 0  # every lease came home
     # Both routers admitted work (Serve spreads the ingresses' calls over them).
-    routers = serve.get_deployment_handle("Router", "scaled").broadcast("stats").results()
+    routers = serve.get_deployment_handle(deployment("Router"), "scaled").broadcast("stats").results()
     assert all(r["admitted"] > 0 for r in routers), routers
 
 

@@ -12,7 +12,7 @@ import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY
+from tests.conftest import APP_ARGS, TINY, model_stats
 
 REQUESTS = 2000
 WORKERS = 16
@@ -96,8 +96,8 @@ def test_thousands_of_mixed_requests_leave_nothing_behind(soak_app):
 
     deadline = time.monotonic() + 15  # abandoned streams are cancelled at the next engine step
     while True:
-        stats = requests.get(f"{soak_app}/stats?replicas=1", timeout=30).json()
-        router, replica = stats["router"], stats["router"]["replica_info"][0]
+        router = model_stats(soak_app, replicas=True)["router"]
+        replica = router["replica_info"][0]
         held = (router["in_flight_sequences"], router["queued_requests"], replica["in_flight_sequences"],
                 replica["kv_cache_free_blocks"] - replica["kv_cache_blocks"])
         if held == (0, 0, 0, 0):
