@@ -234,8 +234,12 @@ class RoutedBackend:
         router_id, lease_id, replica_id = await self._admit(num_sequences)
         self._held[lease_id] = router_id
         self._start_renewing()
+        response = getattr(self._replicas, method).remote(*args, replica_id=replica_id)
         try:
-            return await getattr(self._replicas, method).remote(*args, replica_id=replica_id)
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # the caller left (deadline, disconnect): the replica skips what it has not run
+            raise
         finally:
             self._held.pop(lease_id, None)
             call_detached(self._router.release, lease_id, replica_id=router_id)
