@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench.loadgen import CHAT_QUESTIONS, Workload
-from serve_app.config import AppArgs
+from serve_app.config import ModelArgs
 from serve_app.engine.batch_engine import BatchEngine
 from serve_app.engine.loading import eos_token_ids, load_model
 from serve_app.engine.types import GenerationRequest, SamplingParams
@@ -58,7 +58,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model, tokenizer = load_model(a.model, "auto", "cpu")
-    k = AppArgs().num_speculative_tokens
+    k = ModelArgs().num_speculative_tokens
     engines = {draft: BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), max_batch_size=max(a.rows),
                                   max_model_len=2048, kv_cache_tokens=max(a.rows) * 512,
                                   num_speculative_tokens=draft, speculative_max_rows=max(a.rows))

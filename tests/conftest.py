@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from serve_app.config import AppArgs, deployment_slug
+from serve_app.config import ModelArgs, deployment_slug
 
 TINY = "builtin:tiny-llama"
 MINILM = "builtin:all-minilm-l6-v2"
@@ -78,9 +78,9 @@ def engine_factory(model, tokenizer):
     from serve_app.engine.loading import eos_token_ids
 
     def make(max_batch_size: int = 8, max_model_len: int = 2048, **kw) -> BatchEngine:
-        # As served (AppArgs' defaults): engine tests check that speculation changes no token.
-        kw = {"num_speculative_tokens": AppArgs().num_speculative_tokens,
-              "speculative_max_rows": AppArgs().speculative_max_rows, **kw}
+        # As served (ModelArgs' defaults): engine tests check that speculation changes no token.
+        kw = {"num_speculative_tokens": ModelArgs().num_speculative_tokens,
+              "speculative_max_rows": ModelArgs().speculative_max_rows, **kw}
         return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), max_batch_size, max_model_len, **kw)
 
     return make
