@@ -10,7 +10,7 @@ from __future__ import annotations
 import psutil
 
 ROLES = (("ProxyActor", "proxy"), (":Ingress", "ingress"), (":Router", "router"),
-         (":ModelReplica", "replica"), ("raylet", "ray system"), ("gcs_server", "ray system"),
+         (":ModelReplica", "replica"), (":EmbeddingReplica", "replica"), ("raylet", "ray system"), ("gcs_server", "ray system"),
          ("ServeController", "ray system"))
 
 

@@ -109,11 +109,16 @@ async def http_load(url: str, model: str, texts: list[str], concurrency: int, pe
                 failures[r.status] = failures.get(r.status, 0) + 1
             latencies.append(time.perf_counter() - started)
 
+    from bench.cpu import CpuMeter
+
     connector = aiohttp.TCPConnector(limit=concurrency)
+    meter = CpuMeter()
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        meter.start()
         started = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         seconds = time.perf_counter() - started
+        cpu = meter.stop(seconds, len(texts))
     latencies.sort()
     return {"system": "serve_app over HTTP",
             "shape": f"c={concurrency}, {per_request} sentence{'s' if per_request > 1 else ''}/request, "
@@ -121,7 +126,10 @@ async def http_load(url: str, model: str, texts: list[str], concurrency: int, pe
             "sentences": len(texts), "sentences_per_s": len(texts) / seconds,
             "latency_p50_ms": 1000 * statistics.median(latencies),
             "latency_p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "failed": failures}
+            "failed": failures,
+            # CPU ms per sentence by role (cpu_ms_per_token of bench.cpu, here per sentence).
+            "cpu_ms_per_sentence": {role: round(v["cpu_ms_per_token"], 2) for role, v in cpu.items()
+                                    if v["cpu_ms_per_token"] is not None}}
 
 
 def served(model: str, texts: list[str], concurrency: int, port: int) -> list[dict]:
@@ -144,7 +152,8 @@ def served(model: str, texts: list[str], concurrency: int, port: int) -> list[di
                                          (1, 1, "base64")):
             n = len(texts) if c > 1 else min(len(texts), 300)
             rows.append(asyncio.run(http_load(url, model, texts[:n], c, per_request, encoding)))
-            print(f"  {rows[-1]['shape']:40s} {rows[-1]['sentences_per_s']:7.1f} sentences/s", flush=True)
+            print(f"  {rows[-1]['shape']:40s} {rows[-1]['sentences_per_s']:7.1f} sentences/s  CPU ms per sentence "
+                  f"{rows[-1]['cpu_ms_per_sentence']}", flush=True)
         info = requests.get(f"{url}/stats?replicas=1", timeout=30).json()["models"][model]["router"]["replica_info"]
         rows[-1]["replica"] = info[0] if info else {}
         return rows

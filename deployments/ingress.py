@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from deployments import metrics, quiet_logs
 from deployments.metrics import count_error
-from deployments.router import RoutedBackend, sum_router_stats
+from deployments.router import EmbeddingBackend, RoutedBackend, sum_router_stats
 from serve_app.config import AppArgs
 from serve_app.embeddings import EmbeddingFrontend
 from serve_app.engine.embedding import read_spec
@@ -55,8 +55,9 @@ class Ingress:
             backend = RoutedBackend(routers[name], replicas[name], model.retry_after_s, name, model.lease_timeout_s)
             if model.task == "embed":
                 tokenizer = load_tokenizer(model.model)
-                frontends[name] = EmbeddingFrontend(model, tokenizer, read_spec(model.model, model.max_model_len,
-                                                                                 tokenizer), backend)
+                spec = read_spec(model.model, model.max_model_len, tokenizer)
+                frontends[name] = EmbeddingFrontend(model, tokenizer, spec,
+                                                    EmbeddingBackend(backend, model.max_batch_size))
             else:
                 tokenizer, max_model_len = serving_limits(model)
                 frontends[name] = OpenAIFrontend(model, tokenizer, max_model_len, backend)

@@ -31,6 +31,7 @@ from deployments.metrics import RequestMetrics, record_embedding, router_metrics
 from deployments.replica import ChannelClosed, ReplicaChannel, stream_via_channel
 from serve_app.admission import AdmissionQueue
 from serve_app.config import ModelServingArgs
+from serve_app.embeddings import CoalescingBackend
 from serve_app.engine.types import GenerationRequest, SequenceOutput
 from serve_app.protocol import APIError
 
@@ -118,6 +119,22 @@ def sum_router_stats(stats: list[dict]) -> dict:
     if "batch_size_histogram" in total:
         total["batch_size_histogram"] = dict(sorted(total["batch_size_histogram"].items()))
     return total
+
+
+class EmbeddingBackend:
+    """The ingress's way to embed with one model: requests that wait together are sent as one
+    group (`CoalescingBackend`: one admission, one replica call), each group through
+    `RoutedBackend.embed`; latency and token metrics are recorded per request."""
+
+    def __init__(self, routed: "RoutedBackend", max_inputs: int):
+        self.model_name = routed.model_name
+        self.groups = CoalescingBackend(routed.embed, max_inputs)
+
+    async def embed(self, inputs: list[list[int]]):
+        started = time.monotonic()
+        vectors = await self.groups.embed(inputs)
+        record_embedding(self.model_name, time.monotonic() - started, sum(len(ids) for ids in inputs), len(inputs))
+        return vectors
 
 
 class RoutedBackend:
@@ -215,19 +232,15 @@ class RoutedBackend:
     async def embed(self, inputs: list[list[int]]):
         """Vectors for these token-id lists from one embedding replica, admitted like a request of
         len(inputs) sequences. Retried once when the replica or router fails (nothing streamed)."""
-        started = time.monotonic()
         for attempt in (1, 2):
             try:
-                vectors = await self._call_once("embed", len(inputs), inputs)
-                break
+                return await self._call_once("embed", len(inputs), inputs)
             except APIError:
                 raise
             except RayError as e:
                 if attempt == 2:
                     raise self._unavailable(e) from None
                 logger.warning("retrying an embedding request after %s", type(e).__name__)
-        record_embedding(self.model_name, time.monotonic() - started, sum(len(ids) for ids in inputs), len(inputs))
-        return vectors
 
     async def _call_once(self, method: str, num_sequences: int, *args):
         """`method(*args)` on the model replica the Router admits this request to."""

@@ -8,8 +8,11 @@ the backend (admission by the model's Router, vectors from an embedding replica)
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from dataclasses import dataclass
+import contextvars
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -198,6 +201,90 @@ class EmbeddingFrontend:
             data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(data)],
             usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
         ).model_dump()
+
+
+@dataclass(eq=False)
+class _Waiting:
+    inputs: list[list[int]]
+    future: asyncio.Future
+    group: _Group | None = None
+
+
+@dataclass(eq=False)
+class _Group:
+    members: list[_Waiting] = field(default_factory=list)
+    task: asyncio.Task | None = None
+
+
+class CoalescingBackend:
+    """Requests that wait together travel together: one admission and one replica call per
+    group, not per request.
+
+    A request is sent at once while fewer than `max_groups_in_flight` groups are out;
+    otherwise it waits, and when a group comes back everything that waited goes as the next
+    group (up to `max_inputs` inputs; a larger request goes alone). Two groups out keep the
+    next one queued at the replica while it computes the current one. At most `max_inputs`
+    inputs wait here: beyond that a group goes at once, so that queueing, and 429 when it is
+    full, stays the Router's. Each request gets its own rows back; a group's error is each
+    member's error; a group whose callers all left is cancelled (at the replica too), and a
+    request that leaves before its group is sent is dropped from it.
+    """
+
+    def __init__(self, send: Callable[[list[list[int]]], Awaitable[np.ndarray]], max_inputs: int,
+                 max_groups_in_flight: int = 2):
+        self._send = send
+        self.max_inputs = max_inputs
+        self.max_groups_in_flight = max_groups_in_flight
+        self._waiting: list[_Waiting] = []
+        self._in_flight = 0
+        self.groups_sent = 0
+
+    async def embed(self, inputs: list[list[int]]) -> np.ndarray:
+        entry = _Waiting(inputs, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        self._dispatch()
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            if entry.group is None:
+                self._waiting.remove(entry)
+            elif all(m.future.done() for m in entry.group.members) and entry.group.task is not None:
+                entry.group.task.cancel()  # nobody waits for this group any more
+            raise
+
+    def _dispatch(self) -> None:
+        while self._waiting and (self._in_flight < self.max_groups_in_flight
+                                 or sum(len(w.inputs) for w in self._waiting) >= self.max_inputs):
+            group, size = _Group(), 0
+            while self._waiting and (not group.members or size + len(self._waiting[0].inputs) <= self.max_inputs):
+                entry = self._waiting.pop(0)
+                entry.group = group
+                group.members.append(entry)
+                size += len(entry.inputs)
+            self._in_flight += 1
+            self.groups_sent += 1
+            # In an empty context: the group belongs to no one request, and the cancellation of
+            # the request that happened to send it (Ray Serve cancels a request's calls) must
+            # not cancel it for the others.
+            group.task = contextvars.Context().run(asyncio.get_running_loop().create_task, self._run(group))
+
+    async def _run(self, group: _Group) -> None:
+        try:
+            vectors = await self._send([ids for m in group.members for ids in m.inputs])
+            start = 0
+            for m in group.members:
+                if not m.future.done():
+                    m.future.set_result(vectors[start:start + len(m.inputs)])
+                start += len(m.inputs)
+        except asyncio.CancelledError:
+            pass  # every member left
+        except Exception as e:  # an APIError (429, 503, ...) or a failure: each member's answer
+            for m in group.members:
+                if not m.future.done():
+                    m.future.set_exception(e)
+        finally:
+            self._in_flight -= 1
+            self._dispatch()
 
 
 def _is_id(value: Any) -> bool:

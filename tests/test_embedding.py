@@ -278,3 +278,92 @@ def test_accepted_extras(minilm):
     frontend, _, _ = minilm
     got = request(frontend, input="x", user="someone", dimensions=384, add_special_tokens=False)
     assert got["usage"]["prompt_tokens"] == 1 and len(got["data"][0]["embedding"]) == 384
+
+
+# ------------------------------------------------------------------ coalescing at the ingress
+
+
+class SlowSend:
+    """A replica stand-in: each call takes `delay` s and returns row i = [first token of input i]."""
+
+    def __init__(self, delay: float = 0.05, fail: Exception | None = None):
+        self.delay, self.fail = delay, fail
+        self.calls: list[int] = []
+        self.cancelled = 0
+
+    async def __call__(self, inputs):
+        self.calls.append(len(inputs))
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.fail:
+            raise self.fail
+        return np.array([[ids[0]] for ids in inputs], dtype=np.float32)
+
+
+def test_requests_waiting_together_go_as_one_group_and_each_gets_its_rows():
+    from serve_app.embeddings import CoalescingBackend
+
+    send = SlowSend()
+    backend = CoalescingBackend(send, max_inputs=8)
+
+    async def main():
+        return await asyncio.gather(*(backend.embed([[i], [100 + i]]) for i in range(10)))
+
+    results = asyncio.run(main())
+    assert [r[:, 0].tolist() for r in results] == [[i, 100 + i] for i in range(10)]
+    # Two groups go at once (one request each); the next requests wait until 8 inputs do, and a
+    # full group goes at once (the Router, not this, queues): 1 + 1 + 4 + 4 requests.
+    assert send.calls == [2, 2, 8, 8] and backend.groups_sent == 4
+
+
+def test_what_waits_here_is_bounded_so_the_router_queues_and_rejects():
+    from serve_app.embeddings import CoalescingBackend
+
+    send = SlowSend(delay=0.2)
+    backend = CoalescingBackend(send, max_inputs=4, max_groups_in_flight=1)
+
+    async def main():
+        tasks = [asyncio.ensure_future(backend.embed([[i]])) for i in range(13)]
+        await asyncio.sleep(0.05)
+        sent_early = list(send.calls)
+        await asyncio.gather(*tasks)
+        return sent_early
+
+    # 1 goes; 4 waiting make a full group, which goes too, and so on: only the last 0-3 wait here.
+    assert asyncio.run(main()) == [1, 4, 4, 4]
+
+
+def test_a_request_larger_than_a_group_goes_alone_and_errors_reach_every_member():
+    from serve_app.embeddings import CoalescingBackend
+
+    big = CoalescingBackend(send := SlowSend(), max_inputs=4)
+    got = asyncio.run(big.embed([[i] for i in range(9)]))
+    assert send.calls == [9] and got[:, 0].tolist() == list(range(9))
+    failing = CoalescingBackend(SlowSend(fail=APIError(429, "full", code="queue_full")), max_inputs=4)
+
+    async def main():
+        return await asyncio.gather(*(failing.embed([[i]]) for i in range(5)), return_exceptions=True)
+
+    assert [e.status for e in asyncio.run(main())] == [429] * 5
+
+
+def test_callers_that_leave_are_dropped_and_a_group_nobody_waits_for_is_cancelled():
+    from serve_app.embeddings import CoalescingBackend
+
+    send = SlowSend(delay=0.2)
+    backend = CoalescingBackend(send, max_inputs=8, max_groups_in_flight=1)
+
+    async def main():
+        first = asyncio.ensure_future(backend.embed([[1]]))
+        waiting = asyncio.ensure_future(backend.embed([[2]]))
+        kept = asyncio.ensure_future(backend.embed([[3]]))
+        await asyncio.sleep(0.05)
+        waiting.cancel()  # still waiting: it must not be sent
+        first.cancel()  # its group's only member: the call is cancelled
+        return await kept
+
+    assert asyncio.run(main())[:, 0].tolist() == [3]
+    assert send.calls == [1, 1] and send.cancelled == 1
