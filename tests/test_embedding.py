@@ -367,3 +367,73 @@ def test_callers_that_leave_are_dropped_and_a_group_nobody_waits_for_is_cancelle
 
     assert asyncio.run(main())[:, 0].tolist() == [3]
     assert send.calls == [1, 1] and send.cancelled == 1
+
+
+# ------------------------------------------------------------------ admission and failures (stand-in handles)
+
+
+class _Response:
+    def __init__(self, result):
+        self.result, self.cancelled = result, False
+
+    def __await__(self):
+        async def get():
+            await asyncio.sleep(0)
+            if isinstance(self.result, BaseException):
+                raise self.result
+            return self.result
+        return get().__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Method:
+    def __init__(self, results):
+        self.results, self.calls = list(results), []
+
+    def remote(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return _Response(self.results.pop(0) if self.results else None)
+
+
+class _Handle:
+    def __init__(self, **methods):
+        self.__dict__.update(methods)
+
+    def options(self, **kwargs):
+        return self
+
+
+def routed(replica_results):
+    from deployments.router import RoutedBackend
+
+    router = _Handle(admit=_Method([("router-1", f"lease-{i}", "replica-1") for i in range(3)]), release=_Method([]),
+                     renew=_Method([]))
+    replicas = _Handle(embed=_Method(replica_results))
+    return RoutedBackend(router, replicas, retry_after_s=3), router, replicas
+
+
+def test_an_embedding_call_is_admitted_pinned_released_and_retried_once_after_a_failure():
+    from ray.exceptions import RayError
+
+    vectors = np.ones((2, 4), dtype=np.float32)
+    backend, router, replicas = routed([RayError("replica died"), vectors])
+    assert asyncio.run(backend.embed([[1], [2]])) is vectors
+    assert [args for args, _ in router.admit.calls][0][0] == 2  # two inputs: two sequences
+    assert all(kw["replica_id"] == "replica-1" for _, kw in replicas.embed.calls) and len(replicas.embed.calls) == 2
+    assert sorted(args[0] for args, _ in router.release.calls) == ["lease-0", "lease-1"]  # both leases came back
+
+
+def test_a_second_failure_is_a_503_with_retry_after_and_an_answer_is_not_retried():
+    from ray.exceptions import RayError
+
+    backend, router, _ = routed([RayError("died"), RayError("died again")])
+    with pytest.raises(APIError) as err:
+        asyncio.run(backend.embed([[1]]))
+    assert (err.value.status, err.value.code, err.value.retry_after) == (503, "replica_failed", 3)
+    assert len(router.release.calls) == 2
+    backend, _, replicas = routed([APIError(500, "embedding failed", code="embedding_failed")])
+    with pytest.raises(APIError) as err:
+        asyncio.run(backend.embed([[1]]))
+    assert err.value.status == 500 and len(replicas.embed.calls) == 1
