@@ -2,7 +2,8 @@
 
 Ray names its worker processes after what they run (`ray::ServeReplica:<app>:Router`,
 `ray::ProxyActor`, ...); this samples their user + system CPU time before and after
-a run and reports cores used and CPU milliseconds per output token for each role.
+a run and reports cores used and CPU milliseconds per output token for each role
+(llama.cpp's `llama-server` too, when the benchmark runs it).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import psutil
 
 ROLES = (("ProxyActor", "proxy"), (":Ingress", "ingress"), (":Router", "router"),
-         (":ModelReplica", "replica"), (":EmbeddingReplica", "replica"), ("raylet", "ray system"), ("gcs_server", "ray system"),
-         ("ServeController", "ray system"))
+         (":ModelReplica", "replica"), (":EmbeddingReplica", "replica"), ("raylet", "ray system"),
+         ("gcs_server", "ray system"), ("ServeController", "ray system"), ("llama-server", "llama-server"))
 
 
 def role_of(proc: psutil.Process) -> str | None:
@@ -23,9 +24,10 @@ def role_of(proc: psutil.Process) -> str | None:
 
 
 def snapshot() -> dict[int, tuple[str, float]]:
-    """pid -> (role, CPU seconds so far), for every serving process on this machine."""
+    """pid -> (role, CPU seconds so far), for every serving process this process started (Ray's,
+    started by ray.init here, and llama-server): not those of other Ray clusters on the machine."""
     out = {}
-    for proc in psutil.process_iter():
+    for proc in psutil.Process().children(recursive=True):
         role = role_of(proc)
         if role is None:
             continue

@@ -1,4 +1,4 @@
-"""Load generator for any OpenAI-compatible /v1/completions endpoint.
+"""Load generator for any OpenAI-compatible /v1/completions or /v1/chat/completions endpoint.
 
 Measures per request TTFT, TPOT, inter-token latency and end-to-end latency
 (streaming; a non-streaming server's TTFT is its whole latency), and in
@@ -87,6 +87,9 @@ class RequestResult:
     streamed: bool = True
     start: float = 0.0  # perf_counter at send
     chunk_times: list[float] = field(default_factory=list)  # perf_counter of each content chunk
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server says it served from its cache
+    text: str = ""  # the generated text (multi-turn chat carries it into the next turn)
 
     @property
     def tpot_s(self) -> float | None:
@@ -100,10 +103,25 @@ def _chunk_text(chunk: dict) -> str:
     return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
 
 
+def cached_tokens(data: dict) -> int:
+    """Prompt tokens served from the server's cache: OpenAI's `usage.prompt_tokens_details.cached_tokens`,
+    else llama.cpp's `timings.cache_n`; 0 when the server reports neither."""
+    details = (data.get("usage") or {}).get("prompt_tokens_details") or {}
+    if details.get("cached_tokens") is not None:
+        return details["cached_tokens"]
+    return (data.get("timings") or {}).get("cache_n") or 0
+
+
 async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int,
-                      stream: bool, extra: dict, chat: bool = False) -> RequestResult:
+                      stream: bool, extra: dict, chat: bool = False,
+                      messages: list[dict] | None = None) -> RequestResult:
+    """One request; `messages` (a whole conversation) makes it a chat request, as `chat` does for
+    `prompt` alone."""
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": stream, **extra}
-    if chat:
+    if messages is not None:
+        chat = True
+        body["messages"] = messages
+    elif chat:
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
@@ -119,10 +137,14 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
             if not stream:
                 data = await resp.json()
                 e2e = time.perf_counter() - start
+                choice = data["choices"][0]
                 return RequestResult(True, 200, data["usage"]["completion_tokens"], e2e, e2e, streamed=False,
-                                     start=start)
+                                     start=start, prompt_tokens=data["usage"].get("prompt_tokens", 0),
+                                     cached_tokens=cached_tokens(data),
+                                     text=choice.get("text") or (choice.get("message") or {}).get("content") or "")
             first = last = None
-            itl, tokens, times = [], 0, []
+            itl, tokens, times, pieces = [], 0, [], []
+            prompt_tokens = cached = 0
             async for raw in resp.content:
                 line = raw.decode().strip()
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -130,8 +152,12 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-                if not chunk.get("choices") or not _chunk_text(chunk):
+                    prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
+                if chunk.get("usage") or chunk.get("timings"):
+                    cached = cached_tokens(chunk) or cached
+                if not chunk.get("choices") or not (piece := _chunk_text(chunk)):
                     continue
+                pieces.append(piece)
                 now = time.perf_counter()
                 times.append(now)
                 if first is None:
@@ -141,7 +167,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
                 last = now
             end = time.perf_counter()
             return RequestResult(True, 200, tokens, (first or end) - start, end - start, itl, start=start,
-                                 chunk_times=times)
+                                 chunk_times=times, prompt_tokens=prompt_tokens, cached_tokens=cached,
+                                 text="".join(pieces))
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return RequestResult(False, -1, e2e_s=time.perf_counter() - start, start=start)
 
@@ -166,9 +193,12 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 
 async def run_load(url: str, model: str, workload: Workload, num_requests: int, concurrency: int | None = None,
                    request_rate: float | None = None, stream: bool = True, extra: dict | None = None,
-                   timeout_s: float = 1800) -> dict:
+                   timeout_s: float = 1800, fresh_connections: bool = False) -> dict:
     """Closed loop (`concurrency` users, each sending its next request when the last ends) or
     Poisson arrivals at `request_rate`/s (open loop).
+
+    `fresh_connections` opens a connection per request (for servers that close kept-alive
+    connections now and then, as llama-server does: a reused one fails the request).
 
     Besides whole-run figures, `steady_output_tokens_per_s` counts only the window where
     the load is fully on: in a closed loop from the start until the first user runs out
@@ -178,7 +208,7 @@ async def run_load(url: str, model: str, workload: Workload, num_requests: int, 
         extra = {} if workload.natural_stops else {"ignore_eos": True}
     todo = workload.requests(num_requests)
     results: list[RequestResult] = []
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=0, force_close=fresh_connections)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         start = time.perf_counter()
         full_load_ends = None
@@ -224,6 +254,8 @@ async def run_load(url: str, model: str, workload: Workload, num_requests: int, 
         "itl_s": percentiles(itls),
         "itl_max_s": max(itls, default=None),
         "e2e_s": percentiles([r.e2e_s for r in ok]),
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
         "workload": asdict(workload),
         "workload_label": workload.describe(),
     }

@@ -30,7 +30,8 @@ def markdown_table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
-CPU_ROLES = ("proxy", "ingress", "router", "proxy + ingress + router", "replica", "ray system", "load generator")
+CPU_ROLES = ("proxy", "ingress", "router", "proxy + ingress + router", "replica", "ray system", "llama-server",
+             "load generator")
 
 
 def cpu_table(runs: list[dict]) -> str:
@@ -78,3 +79,17 @@ def chart(runs: list[dict], offline_tps: float | None, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def multiturn_table(runs: list[dict]) -> str:
+    """The multi-turn chat figures (bench/multiturn.py), one row per system."""
+    rows = ["| system | later turns TTFT p50 ms | first turns TTFT p50 ms | out tok/s | prompt tokens served from cache |",
+            "|---|---|---|---|---|"]
+    for r in runs:
+        if "cached_fraction" not in r:
+            continue
+        fraction = r["cached_fraction"]
+        rows.append(f"| {r['system']} | {_ms(r['later_turn_ttft_s']['p50'])} | {_ms(r['first_turn_ttft_s']['p50'])} "
+                    f"| {r['output_tokens_per_s']:.1f} | {r['cached_prompt_tokens']:,} of {r['prompt_tokens']:,}"
+                    f"{'' if fraction is None else f' ({fraction:.0%})'} |")
+    return "\n".join(rows)

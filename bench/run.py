@@ -5,10 +5,18 @@
 
 serve_app runs, in one Ray session, the scenarios of `SCENARIOS`: steady-state
 closed loops (completions with mixed lengths, greedy and sampled, chat with natural
-stops, a mix with 2-3k-token prompts), Poisson arrivals at three rates, concurrency 1, and
-the synchronized wave. Each records the CPU time of proxy, ingress, router
-and replica processes. The offline limit (`generate` on static batches, no
-server) and the naive seed design run in the same invocation.
+stops, a mix with 2-3k-token prompts), Poisson arrivals at three rates, concurrency 1,
+the synchronized wave, the prefill of one 2,000-token prompt, and multi-turn customer-service
+chat (bench/multiturn.py: a shared policy system prompt, history carried). Each records the CPU
+time of proxy, ingress, router and replica processes. The offline limit (`generate` on static
+batches, no server) and the naive seed design run in the same invocation.
+
+    python -m bench.run --with-llama-cpp     # + llama.cpp's llama-server (BF16 and F32 GGUFs of the
+                                             #   same weights) on the same scenarios, and ratios to it
+    python -m bench.run --only multi-turn --replicas 2   # + the multi-turn chat on 2 model replicas
+
+llama-server is built once per machine (~12 min on 2 cores; `python -m bench.baselines.llama_cpp
+build` does it ahead of time); a run that needs it builds it first, outside any measurement.
 
 Writes bench/results/<name>.json and .md (and .png), and prints the tables.
 """
@@ -31,7 +39,8 @@ import requests
 
 from bench.cpu import CpuMeter
 from bench.loadgen import Workload, run_load
-from bench.report import chart, cpu_table, markdown_table
+from bench.multiturn import MultiTurnChat, run_multiturn
+from bench.report import chart, cpu_table, markdown_table, multiturn_table
 from serve_app.config import ModelArgs
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,6 +66,8 @@ def wait_healthy(url: str, timeout: float = 600) -> None:
 
 MIXED = (16, 240)
 C1_CHAT = "concurrency 1, chat, natural stops"
+PREFILL = "prefill, one 2,000-token prompt"
+MULTITURN = "multi-turn chat, 8 users × 4 turns, shared policy prompt"
 # (label, run_load arguments). Steady-state rows first: they are what users send.
 SCENARIOS = [
     ("closed loop c=32, mixed lengths", dict(workload=Workload(128, mixed_output=MIXED, seed=1),
@@ -81,21 +92,35 @@ SCENARIOS = [
     (C1_CHAT, dict(workload=Workload(chat=True, output_tokens=256, natural_stops=True, seed=7),
                    num_requests=6, concurrency=1)),
     ("wave c=32 (all at once)", dict(workload=Workload(128, 128), num_requests=32, concurrency=32)),
+    # Time to the one token after a prompt of 2,000 (±5) SmolLM2 tokens, alone on the server; the
+    # prompts differ from their first words on, so no cache serves them.
+    (PREFILL, dict(workload=Workload(1915, 1, seed=8), num_requests=4, concurrency=1)),
+    # Customer-service chat: what reuse of KV across requests buys (a kind of its own: run_multiturn).
+    (MULTITURN, dict(multiturn=MultiTurnChat(users=8, turns=4, max_tokens=48))),
 ]
 QUICK = ("closed loop c=32, mixed lengths", "concurrency 1", "wave c=32 (all at once)")
 
 
-def measure(system: str, url: str, model: str, label: str, kwargs: dict) -> dict:
+def measure(system: str, url: str, model: str, label: str, kwargs: dict, fresh_connections: bool = False) -> dict:
+    """One scenario against one server; `fresh_connections`: a connection per request (llama-server)."""
     meter = CpuMeter()
     meter.start()
-    report = asyncio.run(run_load(url, model, **kwargs))
+    if "multiturn" in kwargs:
+        report = asyncio.run(run_multiturn(url, model, kwargs["multiturn"], fresh_connections))
+    else:
+        report = asyncio.run(run_load(url, model, **kwargs, fresh_connections=fresh_connections))
     report["cpu"] = meter.stop(report["duration_s"], report["output_tokens"])
     report["system"], report["scenario"] = system, label
     non_replica = report["cpu"].get("proxy + ingress + router", {}).get("cores", 0)
+    ms = lambda v: (v or 0) * 1000  # noqa: E731
     print(f"  {system:10s} {label:40s} {report['output_tokens_per_s']:6.1f} tok/s "
-          f"(steady {report['steady_output_tokens_per_s'] or 0:6.1f})  TTFT p50 {report['ttft_s']['p50'] * 1000:6.0f} ms"
-          f"  ITL p50/max {(report['itl_s']['p50'] or 0) * 1000:4.0f}/{(report['itl_max_s'] or 0) * 1000:5.0f} ms"
+          f"(steady {report['steady_output_tokens_per_s'] or 0:6.1f})  TTFT p50 {ms(report['ttft_s']['p50']):6.0f} ms"
+          f"  ITL p50/max {ms(report['itl_s']['p50']):4.0f}/{ms(report['itl_max_s']):5.0f} ms"
           f"  non-replica {non_replica:.2f} cores  failed {report['failed_by_status']}", flush=True)
+    if "multiturn" in kwargs:
+        print(f"  {'':10s} {'':40s} first turns TTFT p50 {ms(report['first_turn_ttft_s']['p50']):6.0f} ms, "
+              f"later turns {ms(report['later_turn_ttft_s']['p50']):6.0f} ms, prompt tokens from cache "
+              f"{report['cached_prompt_tokens']} of {report['prompt_tokens']}", flush=True)
     return report
 
 
@@ -116,7 +141,9 @@ def offline_limit(model_name: str, workload: Workload, batch_size: int, n: int, 
     return result
 
 
-def run_serve_app(model: str, port: int, server_args: dict, scenarios) -> list[dict]:
+def run_serve_app(model: str, port: int, server_args: dict, scenarios, replicas: int = 1) -> list[dict]:
+    """The scenarios on one model replica; with `replicas` > 1, the multi-turn scenarios again on that
+    many (fixed count, one torch thread each), in the same Ray session."""
     import ray
     from ray import serve
 
@@ -127,13 +154,55 @@ def run_serve_app(model: str, port: int, server_args: dict, scenarios) -> list[d
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model": model, **server_args}), name="serve_app", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
+        serve.run(build_app({"model": model, **server_args}), name="serve_app", route_prefix="/")
         asyncio.run(run_load(url, model, Workload(16, 4), 4, concurrency=4))  # warm-up
-        return [measure("serve_app", url, model, label, kwargs) for label, kwargs in scenarios]
+        runs = [measure("serve_app", url, model, label, kwargs) for label, kwargs in scenarios]
+        multiturn = [(label, kwargs) for label, kwargs in scenarios if "multiturn" in kwargs]
+        if replicas > 1 and multiturn:
+            scaled = {**server_args, "torch_threads": 1,
+                      "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}
+            serve.delete("serve_app")  # frees the replica's CPU before the new ones ask for theirs
+            serve.run(build_app({"model": model, **scaled}), name="serve_app", route_prefix="/")
+            asyncio.run(run_load(url, model, Workload(16, 4), 2 * replicas, concurrency=2 * replicas))
+            runs += [measure(f"serve_app ×{replicas}", url, model, label, kwargs) for label, kwargs in multiturn]
+        return runs
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def llama_cpp_fits(kwargs: dict, slot_tokens: int) -> bool:
+    """Whether every request of a scenario fits in one llama-server slot (-c split over -np slots)."""
+    workload = kwargs.get("workload")
+    if workload is None:  # multi-turn: ~1,200 tokens at the last turn
+        return slot_tokens >= 2048
+    longest = workload.long_prompts[2] if workload.long_prompts else workload.input_tokens
+    longest = int(longest * 1.05) + 8  # a word is a token, a few are two; the "[i]" marker
+    return longest + (workload.mixed_output[1] if workload.mixed_output else workload.output_tokens) <= slot_tokens
+
+
+def run_llama_cpp(model: str, outtypes: list[str], scenarios, ctx: int = 65536, parallel: int = 32,
+                  threads: int | None = None) -> list[dict]:
+    """The same scenarios against llama.cpp's llama-server, one GGUF type after the other
+    (converted from the weights serve_app serves), one connection per request."""
+    from bench.baselines.llama_cpp import ensure_llama_server, gguf_for, llama_server
+
+    binary = ensure_llama_server()  # built before any measurement: the build keeps every core busy
+    ggufs = {t: gguf_for(model, t) for t in outtypes}
+    runs = []
+    for outtype, gguf in ggufs.items():
+        system = f"llama.cpp {outtype.upper()}"
+        with llama_server(gguf, free_port(), served_name=model, threads=threads, parallel=parallel, ctx=ctx,
+                          binary=binary) as url:
+            asyncio.run(run_load(url, model, Workload(16, 4), 4, concurrency=4, fresh_connections=True))  # warm-up
+            for label, kwargs in scenarios:
+                if not llama_cpp_fits(kwargs, ctx // parallel):
+                    print(f"  {system:10s} {label:40s} skipped: prompts exceed its {ctx // parallel}-token slots "
+                          f"(-c {ctx} over -np {parallel}; raise --llama-cpp-ctx)", flush=True)
+                    continue
+                runs.append(measure(system, url, model, label, kwargs, fresh_connections=True))
+    return runs
 
 
 def run_naive(model: str, port: int, scenarios, dtype: str = "auto") -> list[dict]:
@@ -166,7 +235,7 @@ def run_transformers_serve(model: str, port: int, scenarios) -> list[dict]:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, timeout=300)
         return [measure("transformers serve (CB)", url, path, label, kwargs) for label, kwargs in scenarios
-                if kwargs["workload"].natural_stops]
+                if "workload" in kwargs and kwargs["workload"].natural_stops]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -192,6 +261,20 @@ def main() -> None:
     p.add_argument("--no-metrics", action="store_true", help="serve with metrics: false (measures their cost)")
     p.add_argument("--with-transformers-serve", action="store_true",
                    help="also run the transformers-serve peer on the natural-stop scenarios")
+    p.add_argument("--with-llama-cpp", action="store_true",
+                   help="also run llama.cpp's llama-server on the same scenarios (builds it once per machine)")
+    p.add_argument("--llama-cpp-types", nargs="+", default=["bf16", "f32"], choices=("f32", "bf16", "q8_0"),
+                   help="GGUF types llama-server serves, one after the other")
+    p.add_argument("--llama-cpp-ctx", type=int, default=65536,
+                   help="llama-server -c, split over its 32 slots (65536: 2,048 tokens each, too few for the "
+                        "long-prompt scenario, which is then skipped for it)")
+    p.add_argument("--llama-cpp-threads", type=int, default=None,
+                   help="llama-server -t and -tb (default: every core). Its threads spin at barriers, so on a "
+                        "machine others are using, one thread per core it does not have stalls every step")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="also run the multi-turn scenario on this many model replicas (torch_threads 1 each)")
+    p.add_argument("--skip-serve-app", action="store_true",
+                   help="no serve_app and no offline limit: check the peers alone")
     a = p.parse_args()
 
     wanted = QUICK if a.quick else a.only
@@ -209,8 +292,14 @@ def main() -> None:
     if a.dtype != "auto":
         server_args["dtype"] = a.dtype
     print(f"benchmark: {a.model}, server args {server_args}", flush=True)
-    offline = offline_limit(a.model, Workload(128, 128), 32, 32, a.torch_threads, a.dtype)
-    runs = run_serve_app(a.model, free_port(), server_args, scenarios)
+    if a.with_llama_cpp:  # before any measurement: a first run builds llama-server (all cores, minutes)
+        from bench.baselines.llama_cpp import ensure_llama_server
+
+        ensure_llama_server()
+    offline, runs = None, []
+    if not a.skip_serve_app:
+        offline = offline_limit(a.model, Workload(128, 128), 32, 32, a.torch_threads, a.dtype)
+        runs = run_serve_app(a.model, free_port(), server_args, scenarios, a.replicas)
     if not a.skip_naive:  # the seed design serves one request at a time: concurrency 1 says it all
         runs += run_naive(a.model, free_port(), [s for s in scenarios if s[0].startswith("concurrency 1")], a.dtype)
     if a.with_transformers_serve:
@@ -218,20 +307,48 @@ def main() -> None:
             runs += run_transformers_serve(a.model, free_port(), scenarios)
         except Exception as e:  # report, don't hide: the peer may not start on this machine
             print(f"  transformers serve did not run: {type(e).__name__}: {e}", flush=True)
+    llama_types = a.llama_cpp_types if a.with_llama_cpp else []
+    if llama_types:
+        runs += run_llama_cpp(a.model, llama_types, scenarios, ctx=a.llama_cpp_ctx, threads=a.llama_cpp_threads)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch threads {a.torch_threads}"
     name = a.name or ("quick" if a.quick else "full")
     RESULTS.mkdir(exist_ok=True)
     payload = {"model": a.model, "machine": machine, "server_args": server_args, "offline": offline,
-               "ratios": ratios(runs, offline), "runs": runs}
+               "llama_cpp_types": llama_types, "replicas": a.replicas,
+               "llama_cpp_server": llama_types and {"threads": a.llama_cpp_threads or os.cpu_count(),
+                                                    "ctx": a.llama_cpp_ctx, "parallel": 32},
+               "ratios": ratios(runs, offline, llama_types, a.replicas), "runs": runs}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     write_reports(name, payload)
 
 
-def ratios(runs: list[dict], offline: dict) -> dict:
+def ratios(runs: list[dict], offline: dict | None, llama_types=(), replicas: int = 1) -> dict:
     """The figures the targets are stated in (None where a scenario did not run)."""
     def find(system, label):
-        return next((r for r in runs if r["system"] == system and r["scenario"] == label), None)
+        return next((r for r in runs if r["system"] == system and r["scenario"] == label and r["completed"]), None)
 
+    def over(mine, theirs, figure):
+        a, b = (figure(r) if r else None for r in (mine, theirs))
+        return a / b if a is not None and b else None
+
+    peers = {}
+    mt = find("serve_app", MULTITURN)
+    for outtype in llama_types:
+        name, tag = f"llama.cpp {outtype.upper()}", outtype.lower()
+        for key, label, figure in (
+                ("closed_loop_vs_llama_cpp", SCENARIOS[0][0], lambda r: r["steady_output_tokens_per_s"]),
+                ("c1_itl_p50_vs_llama_cpp", "concurrency 1", lambda r: r["itl_s"]["p50"]),
+                ("prefill_2k_ttft_vs_llama_cpp", PREFILL, lambda r: r["ttft_s"]["p50"]),
+                ("multiturn_later_ttft_vs_llama_cpp", MULTITURN, lambda r: r["later_turn_ttft_s"]["p50"]),
+                ("multiturn_first_ttft_vs_llama_cpp", MULTITURN, lambda r: r["first_turn_ttft_s"]["p50"]),
+                ("multiturn_tok_s_vs_llama_cpp", MULTITURN, lambda r: r["output_tokens_per_s"])):
+            peers[f"{key}_{tag}"] = over(find("serve_app", label), find(name, label), figure)
+    peers["multiturn_cached_fraction"] = mt and mt["cached_fraction"]
+    if replicas > 1:
+        scaled = find(f"serve_app ×{replicas}", MULTITURN)
+        peers["multiturn_cached_fraction_replicas_vs_1"] = over(scaled, mt, lambda r: r["cached_fraction"])
+    if offline is None:
+        return peers
     limit = offline["output_tokens_per_s"]
     step_s = offline["duration_s"] / (offline["output_tokens"] / offline["batch_size"])
     closed, chat = find("serve_app", SCENARIOS[0][0]), find("serve_app", SCENARIOS[1][0])
@@ -249,6 +366,7 @@ def ratios(runs: list[dict], offline: dict) -> dict:
         "c1_chat_vs_naive": c1_chat and naive_chat and c1_chat["output_tokens_per_s"] / naive_chat["output_tokens_per_s"],
         "c1_ttft_overhead_ms": c1 and (c1["ttft_s"]["p50"] - offline["prefill_s"]) * 1000,
         "wave_vs_offline": wave and wave["output_tokens_per_s"] / limit,
+        **peers,
     }
 
 
@@ -262,27 +380,59 @@ TARGETS = [  # (ratio key, text, target, higher is better)
     ("c1_ttft_overhead_ms", "concurrency 1 TTFT p50 over offline prefill (ms)", 50, False),
     ("wave_vs_offline", "wave c=32 tok/s ÷ offline limit", 0.78, True),
     ("closed_loop_non_replica_cores", "proxy + ingress + router cores at c=32", 0.3, False),
+    ("multiturn_cached_fraction", "multi-turn chat: prompt tokens served from cache ÷ prompt tokens", 0.7, True),
 ]
+
+
+def targets(llama_types=(), replicas: int = 1) -> list[tuple[str, str, float | None, bool]]:
+    """TARGETS, with the rows against llama.cpp for each GGUF type run and the replica comparison
+    (a goal of None: a figure shown without a target)."""
+    rows = list(TARGETS)
+    for outtype in llama_types:
+        tag, peer = outtype.lower(), f"llama.cpp {outtype.upper()}"
+        rows += [
+            (f"closed_loop_vs_llama_cpp_{tag}", f"closed loop c=32 mixed, steady tok/s ÷ {peer}", 1.0, True),
+            (f"c1_itl_p50_vs_llama_cpp_{tag}", f"concurrency 1 ITL p50 ÷ {peer}", 1.0, False),
+            (f"prefill_2k_ttft_vs_llama_cpp_{tag}", f"2,000-token prompt, TTFT ÷ {peer}", 1.0, False),
+            (f"multiturn_later_ttft_vs_llama_cpp_{tag}", f"multi-turn chat, later turns TTFT p50 ÷ {peer}", 1.0, False),
+            # No goal of their own: beside the later turns, they say where a miss comes from.
+            (f"multiturn_first_ttft_vs_llama_cpp_{tag}", f"multi-turn chat, first turns TTFT p50 ÷ {peer}", None, False),
+            (f"multiturn_tok_s_vs_llama_cpp_{tag}", f"multi-turn chat, out tok/s ÷ {peer}", None, True),
+        ]
+    if replicas > 1:
+        rows.append(("multiturn_cached_fraction_replicas_vs_1",
+                     f"multi-turn chat, cached fraction on {replicas} replicas ÷ on 1", 0.9, True))
+    return rows
 
 
 def write_reports(name: str, payload: dict) -> None:
     offline, found, runs = payload["offline"], payload["ratios"], payload["runs"]
-    lines = [f"Model {payload['model']}; {payload['machine']}; server args {payload['server_args']}.", "",
-             f"Offline limit (`generate`, static batch 32, 128→128): {offline['output_tokens_per_s']:.1f} tok/s, "
-             f"mean step {found['offline_step_s'] * 1000:.0f} ms; batch-1 prefill {offline['prefill_s'] * 1000:.0f} ms.",
-             "", "| target | measured | goal | |", "|---|---|---|---|"]
-    for key, text, goal, higher in TARGETS:
+    lines = [f"Model {payload['model']}; {payload['machine']}; server args {payload['server_args']}.", ""]
+    if offline:
+        lines += [f"Offline limit (`generate`, static batch 32, 128→128): {offline['output_tokens_per_s']:.1f} tok/s, "
+                  f"mean step {found['offline_step_s'] * 1000:.0f} ms; batch-1 prefill "
+                  f"{offline['prefill_s'] * 1000:.0f} ms.", ""]
+    if payload.get("llama_cpp_server"):
+        peer = payload["llama_cpp_server"]
+        lines += [f"llama.cpp: llama-server -np {peer['parallel']} -c {peer['ctx']} -t {peer['threads']} "
+                  f"-tb {peer['threads']}, GGUF {', '.join(payload['llama_cpp_types'])} converted from the same "
+                  "weights; one connection per request.", ""]
+    lines += ["| target | measured | goal | |", "|---|---|---|---|"]
+    for key, text, goal, higher in targets(payload.get("llama_cpp_types", ()), payload.get("replicas", 1)):
         value = found.get(key)
+        wanted = "–" if goal is None else f"{'≥' if higher else '≤'} {goal}"
         if value is None:
-            lines.append(f"| {text} | not run | {'≥' if higher else '≤'} {goal} | |")
+            lines.append(f"| {text} | not run | {wanted} | |")
             continue
-        met = value >= goal if higher else value <= goal
-        lines.append(f"| {text} | {value:.2f} | {'≥' if higher else '≤'} {goal} | {'met' if met else '**missed**'} |")
+        met = "" if goal is None else "met" if (value >= goal if higher else value <= goal) else "**missed**"
+        lines.append(f"| {text} | {value:.2f} | {wanted} | {met} |")
     summary = "\n".join(lines) + "\n"
-    tables = markdown_table(runs) + "\n\nCPU by process role (cores busy during the run; CPU ms per output token):\n\n" \
-        + cpu_table(runs)
+    tables = markdown_table(runs)
+    if any("cached_fraction" in r for r in runs):
+        tables += "\n\nMulti-turn chat (bench/multiturn.py):\n\n" + multiturn_table(runs)
+    tables += "\n\nCPU by process role (cores busy during the run; CPU ms per output token):\n\n" + cpu_table(runs)
     (RESULTS / f"{name}.md").write_text(summary + "\n" + tables + "\n")
-    chart(runs, offline["output_tokens_per_s"], RESULTS / f"{name}.png")
+    chart(runs, offline and offline["output_tokens_per_s"], RESULTS / f"{name}.png")
     print("\n" + summary + "\n" + tables)
 
 

@@ -20,8 +20,9 @@ import time
 import torch
 
 from bench.loadgen import CHAT_QUESTIONS, Workload
-from serve_app.config import ModelArgs
+from serve_app.config import ModelArgs, ModelServingArgs
 from serve_app.engine.batch_engine import BatchEngine
+from serve_app.engine.factory import engine_config
 from serve_app.engine.loading import eos_token_ids, load_model
 from serve_app.engine.types import GenerationRequest, SamplingParams
 
@@ -59,10 +60,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model, tokenizer = load_model(a.model, "auto", "cpu")
     k = ModelArgs().num_speculative_tokens
-    engines = {draft: BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), max_batch_size=max(a.rows),
-                                  max_model_len=2048, kv_cache_tokens=max(a.rows) * 512,
-                                  num_speculative_tokens=draft, speculative_max_rows=max(a.rows))
-               for draft in (0, k)}
+    def engine(draft: int) -> BatchEngine:
+        args = ModelServingArgs(model=a.model, max_batch_size=max(a.rows), kv_cache_tokens=max(a.rows) * 512,
+                       num_speculative_tokens=draft, speculative_max_rows=max(a.rows), enable_prefix_caching=False)
+        return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), engine_config(args, "cpu", 2048))
+
+    engines = {draft: engine(draft) for draft in (0, k)}
     loads = workloads(tokenizer, max(a.rows))
     rates: dict[tuple, list[float]] = {}
     same: dict[tuple, bool] = {}

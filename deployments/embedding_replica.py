@@ -21,7 +21,8 @@ from deployments.metrics import embedding_replica_metrics
 from serve_app.autoscaling import IN_FLIGHT, ROUTER_QUEUE
 from serve_app.config import ModelServingArgs
 from serve_app.engine.embedding import EmbeddingEngine, EmbeddingModel
-from serve_app.engine.loading import resolve_dtype, select_device
+from serve_app.engine.loading import select_device
+from serve_app.engine.precision import choose_dtype
 from serve_app.protocol import APIError
 
 logger = logging.getLogger("ray.serve")
@@ -37,7 +38,7 @@ class EmbeddingReplica:
         self.device = select_device(self.args.device)
         if self.args.torch_threads or self.device.type == "cpu":
             torch.set_num_threads(self.args.cpu_threads(os.cpu_count() or 1))
-        dtype = resolve_dtype(self.args.dtype, self.device)
+        dtype, why = choose_dtype(self.args.dtype, self.device)
         self.engine = EmbeddingEngine(
             lambda: EmbeddingModel.load(self.args.model, dtype, self.device, self.args.max_model_len),
             token_budget=self.args.step_token_budget(self.device.type),
@@ -45,8 +46,8 @@ class EmbeddingReplica:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self._router = serve.get_deployment_handle(self.args.router_deployment, context.app_name)
-        logger.info("embedding replica %s: model %s on %s (%d dimensions, %s pooling%s), %d tokens per forward",
-                    self.replica_id, self.args.model, self.device, self.engine.spec.dimensions,
+        logger.info("embedding replica %s: model %s on %s in %s (%s), %d dimensions, %s pooling%s, %d tokens per "
+                    "forward", self.replica_id, self.args.model, self.device, dtype, why, self.engine.spec.dimensions,
                     self.engine.spec.pooling, ", normalized" if self.engine.spec.normalize else "",
                     self.engine.token_budget)
 

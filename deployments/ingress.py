@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import ipaddress
 import json
 import logging
@@ -52,7 +54,8 @@ class Ingress:
         frontends: dict = {}
         for model in self.args.serving_args():
             name = model.model_name
-            backend = RoutedBackend(routers[name], replicas[name], model.retry_after_s, name, model.lease_timeout_s)
+            backend = RoutedBackend(routers[name], replicas[name], model.retry_after_s, name, model.lease_timeout_s,
+                                    model.model if model.enable_prefix_caching and model.task == "generate" else None)
             if model.task == "embed":
                 tokenizer = load_tokenizer(model.model)
                 spec = read_spec(model.model, model.max_model_len, tokenizer)
@@ -234,12 +237,19 @@ def build_http_app(ingress: Ingress) -> Starlette:
                            param="X-Request-Timeout") from None
         return min(value, args.request_timeout_s or value)
 
+    def tenant_of(request: Request) -> str:
+        """Who is asking, when tenants must not share cached prompt blocks (a digest of their key)."""
+        if not (args.prefix_cache_salt_by_api_key and ingress.api_keys):
+            return ""
+        key = (request.headers.get("authorization") or "").partition(" ")[2].strip()
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
     async def respond(request: Request, kind: str) -> Response:
         timeout = timeout_of(request)
         body, frontend = await read_request(request, "generate")
         prepare, run, chunks = ((frontend.prepare_completion, frontend.completion, frontend.completion_chunks)
                                 if kind == "completion" else (frontend.prepare_chat, frontend.chat, frontend.chat_chunks))
-        prepared: Prepared = await ingress.prepare(prepare, body)
+        prepared: Prepared = await ingress.prepare(functools.partial(prepare, tenant=tenant_of(request)), body)
         if not prepared.body.stream:
             return JSONResponse(await ingress._run(run(prepared), timeout))
         stream = chunks(prepared)

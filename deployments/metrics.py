@@ -114,6 +114,10 @@ def replica_metrics():
                                         "Speculative draft tokens checked.", tag_keys=MODEL),
         "accepted_draft_tokens": metrics.Counter("vllm_spec_decode_num_accepted_tokens_total",
                                                  "Speculative draft tokens kept (the model agreed).", tag_keys=MODEL),
+        "prefix_cache_queries": metrics.Counter("vllm_prefix_cache_queries", "Prompt tokens looked up in the "
+                                                "prefix cache (every admitted sequence's prompt).", tag_keys=MODEL),
+        "prefix_cache_hits": metrics.Counter("vllm_prefix_cache_hits", "Prompt tokens served from the prefix "
+                                             "cache instead of being computed.", tag_keys=MODEL),
     }
 
 

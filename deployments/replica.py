@@ -60,7 +60,7 @@ class ModelReplica:
         self._channels: dict[str, OutputChannel] = {}
         logger.info("replica %s: model %s on %s (assigned GPUs %s, CUDA_VISIBLE_DEVICES=%s), KV cache %d tokens",
                     self.replica_id, self.args.model, self.device, self.gpu_ids or "none",
-                    os.environ.get("CUDA_VISIBLE_DEVICES", ""), self.engine.engine.cache.capacity_tokens)
+                    os.environ.get("CUDA_VISIBLE_DEVICES", ""), self.engine.engine.blocks.capacity_tokens)
 
     async def stream(self, requests: list[GenerationRequest], replica_id: str | None = None):
         """Generate; yield one list of outputs per (paced) engine step until all have finished.
@@ -120,9 +120,15 @@ class ModelReplica:
             "accepted_draft_tokens": engine.accepted_draft_tokens,
             "max_model_len": engine.max_model_len,
             "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
-            "kv_cache_tokens": engine.cache.capacity_tokens,
-            "kv_cache_free_blocks": engine.cache.num_free_blocks,
-            "kv_cache_blocks": engine.cache.num_blocks,
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "dtype_reason": engine.dtype_reason,
+            "runner": engine.runner.name,
+            "kv_cache_tokens": engine.blocks.capacity_tokens,
+            "kv_cache_free_blocks": engine.blocks.num_free_blocks,
+            "kv_cache_blocks": engine.blocks.num_blocks,
+            "prefix_cache_blocks": engine.blocks.num_cached_blocks,
+            "prefix_cache_queries": engine.blocks.queries,
+            "prefix_cache_hits": engine.blocks.hits,
             "torch_threads": torch.get_num_threads(),
         }
 
@@ -131,15 +137,16 @@ class ModelReplica:
         engine = self.engine.engine
         m["running"].set(self.engine.num_running)
         m["waiting"].set(self.engine.num_sequences - self.engine.num_running)
-        m["kv_usage"].set(1 - engine.cache.num_free_blocks / max(1, engine.cache.num_blocks))
+        m["kv_usage"].set(1 - engine.blocks.num_free_blocks / max(1, engine.blocks.num_blocks))
         log = self.engine.step_log
         for _ in range(len(log)):
             tokens, rows, seconds = log.popleft()
             m["step_tokens"].observe(tokens)
             m["step_rows"].observe(rows)
             m["step_time"].observe(seconds)
-        for name in ("draft_tokens", "accepted_draft_tokens"):  # counters: what is new since the last beat
-            total = getattr(engine, name)
+        totals = {"draft_tokens": engine.draft_tokens, "accepted_draft_tokens": engine.accepted_draft_tokens,
+                  "prefix_cache_queries": engine.blocks.queries, "prefix_cache_hits": engine.blocks.hits}
+        for name, total in totals.items():  # counters: what is new since the last beat
             if total > self._exported.get(name, 0):
                 m[name].inc(total - self._exported.get(name, 0))
                 self._exported[name] = total

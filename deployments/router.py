@@ -32,10 +32,14 @@ from deployments.replica import ChannelClosed, ReplicaChannel, stream_via_channe
 from serve_app.admission import AdmissionQueue
 from serve_app.config import ModelServingArgs
 from serve_app.embeddings import CoalescingBackend
+from serve_app.engine.engine_config import BLOCK_SIZE
+from serve_app.engine.prefix_hash import block_hashes, sequence_salt
 from serve_app.engine.types import GenerationRequest, SequenceOutput
 from serve_app.protocol import APIError
 
 logger = logging.getLogger("ray.serve")
+
+MAX_PREFIX_BLOCKS = 512  # a placement hint: the first 8k tokens of a prompt say enough
 
 
 @serve.deployment(name="Router")
@@ -60,15 +64,20 @@ class Router:
             replicas=lambda: routing_state.RUNNING_REPLICAS,
             retry_after_s=self.args.retry_after_s,
             lease_timeout_s=self.args.lease_timeout_s,
+            affinity_tolerance=(self.args.prefix_routing_max_imbalance
+                                if self.args.prefix_aware_routing and self.args.enable_prefix_caching else None),
+            prefix_index_blocks=self.args.kv_tokens(0) // BLOCK_SIZE,
         )
 
-    async def admit(self, num_sequences: int, key: str | None = None) -> tuple[str, int | str, str | None]:
+    async def admit(self, num_sequences: int, key: str | None = None,
+                    prefix: tuple[bytes, ...] = ()) -> tuple[str, int | str, str | None]:
         """Wait in the queue; return (this router's replica id, lease id, model replica id or
         None = any replica). The lease goes back with `release(lease_id, replica_id=<router>)`;
-        a caller that never got the answer sends `abandon(key)` to every router."""
+        a caller that never got the answer sends `abandon(key)` to every router. `prefix`: the
+        prompt's block hashes (placement near its cached prefix)."""
         started = time.monotonic()
         try:
-            lease_id, model_replica = await self.queue.admit(num_sequences, key)
+            lease_id, model_replica = await self.queue.admit(num_sequences, key, prefix)
         finally:
             self._export_load()
         self.metrics["queue_time"].observe(time.monotonic() - started)
@@ -145,8 +154,9 @@ class RoutedBackend:
     """
 
     def __init__(self, router: DeploymentHandle, replicas: DeploymentHandle, retry_after_s: int = 1,
-                 model_name: str = "", lease_timeout_s: float = 60.0):
+                 model_name: str = "", lease_timeout_s: float = 60.0, cache_salt: str | None = None):
         self.model_name = model_name
+        self.cache_salt = cache_salt  # the engines' (the model); None: send no prefix for placement
         self._router = router
         self._replicas = replicas
         self._streaming = replicas.options(stream=True)
@@ -176,7 +186,7 @@ class RoutedBackend:
                 logger.warning("retrying %s after %s before any output", requests[0].request_id, type(e).__name__)
 
     async def _stream_once(self, requests: list[GenerationRequest]) -> AsyncIterator[list[SequenceOutput]]:
-        router_id, lease_id, replica_id = await self._admit(len(requests))
+        router_id, lease_id, replica_id = await self._admit(len(requests), self._prefix(requests[0]))
         self._held[lease_id] = router_id
         self._start_renewing()
         try:
@@ -216,9 +226,16 @@ class RoutedBackend:
             for router_id, lease_ids in by_router.items():
                 call_detached(self._router.renew, lease_ids, replica_id=router_id)
 
-    async def _admit(self, num_sequences: int):
+    def _prefix(self, request: GenerationRequest) -> tuple[bytes, ...]:
+        """The prompt's block hashes, as the replica's prefix cache names its blocks."""
+        if self.cache_salt is None:
+            return ()
+        salt = sequence_salt(self.cache_salt, request.cache_salt)
+        return tuple(block_hashes(request.prompt_token_ids, BLOCK_SIZE, salt, limit=MAX_PREFIX_BLOCKS))
+
+    async def _admit(self, num_sequences: int, prefix: tuple[bytes, ...] = ()):
         key = uuid.uuid4().hex
-        response = self._router.admit.remote(num_sequences, key)
+        response = self._router.admit.remote(num_sequences, key, prefix)
         try:
             return await response
         except asyncio.CancelledError:

@@ -12,6 +12,11 @@ straight from the replica it was given, then releases its lease.
 - A replica has `slots_per_replica` slots; beyond them requests wait here,
   where the wait is visible (queue length drives autoscaling) and bounded
   (429 with Retry-After beyond `max_queue_len`).
+- Cache-aware placement: a request carries its prompt's block-hash chain (prefix_hash.py),
+  and the router remembers which chains it placed on each replica (an LRU about the size of a
+  replica's KV cache). A request goes to the replica holding the longest part of its prefix,
+  unless that replica carries more than `affinity_tolerance` sequences beyond the least
+  loaded one: then balance wins.
 - A caller that leaves while queued is removed from the queue. One that leaves
   while its admission is answered (the grant is on the wire) `abandon`s its
   lease key: released if granted, removed if queued, refused if it arrives
@@ -26,7 +31,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -45,6 +50,40 @@ class Ticket:
     replica_id: str | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     expires_at: float = float("inf")
+    prefix: tuple[bytes, ...] = ()  # block hashes of its prompt (cache-aware placement)
+
+
+class PrefixIndex:
+    """Which prompt blocks this router placed on each replica, most recent last, bounded per
+    replica by about what its KV cache holds (older entries are what the replica evicts first)."""
+
+    def __init__(self, blocks_per_replica: int):
+        self.capacity = blocks_per_replica
+        self._held: dict[str, OrderedDict[bytes, None]] = {}
+
+    def matched(self, replica: str, prefix: tuple[bytes, ...]) -> int:
+        """Leading blocks of `prefix` the replica probably holds."""
+        held = self._held.get(replica)
+        if not held:
+            return 0
+        n = 0
+        for h in prefix:
+            if h not in held:
+                break
+            n += 1
+        return n
+
+    def record(self, replica: str, prefix: tuple[bytes, ...]) -> None:
+        held = self._held.setdefault(replica, OrderedDict())
+        for h in prefix:
+            held[h] = None
+            held.move_to_end(h)
+        while len(held) > self.capacity:
+            held.popitem(last=False)
+
+    def forget_others(self, replicas) -> None:
+        for gone in set(self._held) - set(replicas):
+            del self._held[gone]
 
 
 class AdmissionQueue:
@@ -58,6 +97,8 @@ class AdmissionQueue:
         replicas: Callable[[], Collection[str]],
         retry_after_s: int = 1,
         lease_timeout_s: float | None = None,
+        affinity_tolerance: int | None = None,
+        prefix_index_blocks: int = 4096,
     ):
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
@@ -66,6 +107,9 @@ class AdmissionQueue:
         self._replicas = replicas
         self.retry_after_s = retry_after_s
         self.lease_timeout_s = lease_timeout_s
+        # None: no cache-aware placement (the emptiest replica always).
+        self.affinity_tolerance = affinity_tolerance
+        self.prefixes = PrefixIndex(prefix_index_blocks)
         self._queue: deque[Ticket] = deque()
         self._leases: dict[int | str, Ticket] = {}
         self._abandoned: dict[int | str, float] = {}  # lease keys abandoned before their admit arrived
@@ -78,6 +122,7 @@ class AdmissionQueue:
         self.rejected = 0
         self.cancelled = 0
         self.expired = 0
+        self.placed_by_affinity = 0  # admissions that went to a replica other than the emptiest for its cache
 
     # ------------------------------------------------------------ callers
 
@@ -90,16 +135,18 @@ class AdmissionQueue:
     def in_flight(self) -> int:
         return sum(self.load.values())
 
-    async def admit(self, num_sequences: int, key: str | None = None) -> tuple[int | str, str | None]:
+    async def admit(self, num_sequences: int, key: str | None = None,
+                    prefix: tuple[bytes, ...] = ()) -> tuple[int | str, str | None]:
         """Wait for a place; return (lease id, replica id). The caller must `release` the lease.
-        `key`: the caller's own lease id, so it can `abandon` a grant it never received."""
+        `key`: the caller's own lease id, so it can `abandon` a grant it never received.
+        `prefix`: the block hashes of its prompt, for cache-aware placement."""
         if key is not None and self._abandoned.pop(key, None) is not None:
             raise asyncio.CancelledError(f"lease {key} was abandoned before it was asked for")
         if len(self._queue) >= self.max_queue_len:
             self.rejected += 1
             raise queue_full(f"server is at capacity: {len(self._queue)} requests are already waiting; "
                              "retry later", retry_after=self.retry_after_s)
-        ticket = Ticket(num_sequences, key if key is not None else next(self._ids))
+        ticket = Ticket(num_sequences, key if key is not None else next(self._ids), prefix=tuple(prefix))
         self._queue.append(ticket)
         self._changed.set()
         if self._loop_task is None or self._loop_task.done():
@@ -166,15 +213,27 @@ class AdmissionQueue:
             "cancelled": self.cancelled,
             "expired_leases": self.expired,
             "load_by_replica": {k or "unplaced": v for k, v in self.load.items()},
+            "placed_by_cache_affinity": self.placed_by_affinity,
         }
 
     # ------------------------------------------------------------ internals
 
-    def _emptiest(self) -> tuple[str, int]:
-        """The replica with the most free slots, and how many."""
-        replicas = self._replicas() or [UNPLACED]
-        best = min(replicas, key=lambda r: self.load.get(r, 0))
-        return best, self.slots_per_replica - self.load.get(best, 0)
+    def _place(self, ticket: Ticket | None) -> tuple[str, int]:
+        """Where a ticket should go, and how many slots are free there: the replica most likely
+        to hold the longest part of its prompt's prefix, unless that one is loaded beyond the
+        least loaded by more than the tolerance (balance wins); else the least loaded."""
+        replicas = list(self._replicas() or [UNPLACED])
+        load = self.load.get
+        emptiest = min(replicas, key=lambda r: load(r, 0))
+        choice = emptiest
+        if ticket is not None and ticket.prefix and self.affinity_tolerance is not None and len(replicas) > 1:
+            self.prefixes.forget_others(replicas)
+            best = max(replicas, key=lambda r: (self.prefixes.matched(r, ticket.prefix), -load(r, 0)))
+            if (self.prefixes.matched(best, ticket.prefix) > self.prefixes.matched(emptiest, ticket.prefix)
+                    and load(best, 0) - load(emptiest, 0) <= self.affinity_tolerance
+                    and self.slots_per_replica - load(best, 0) >= min(ticket.size, self.slots_per_replica)):
+                choice = best
+        return choice, self.slots_per_replica - load(choice, 0)
 
     def _expire_leases(self) -> None:
         now = time.monotonic()
@@ -195,7 +254,7 @@ class AdmissionQueue:
     async def _admission_loop(self) -> None:
         while True:
             self._expire_leases()
-            replica, free = self._emptiest()
+            replica, free = self._place(self._queue[0] if self._queue else None)
             if not self._queue or free < min(self._queue[0].size, self.slots_per_replica):
                 # Also wake up now and then: replicas appear, leases expire.
                 await self._wait_for_change(1.0)
@@ -211,9 +270,16 @@ class AdmissionQueue:
     def _admit_round(self, replica: str, free: int) -> None:
         """Admit queued tickets, in order, into this replica's free slots (at least the first)."""
         admitted = 0
+        emptiest = min(self._replicas() or [UNPLACED], key=lambda r: self.load.get(r, 0))
         while self._queue and (admitted == 0 or admitted + self._queue[0].size <= min(free, self.max_batch_size)):
+            if admitted and self._queue[0].prefix and self._place(self._queue[0])[0] != replica:
+                break  # its prefix is elsewhere: it starts a round of its own
             ticket = self._queue.popleft()
             ticket.replica_id = replica
+            if replica != emptiest and admitted == 0:
+                self.placed_by_affinity += 1
+            if ticket.prefix:
+                self.prefixes.record(replica, ticket.prefix)
             if self.lease_timeout_s is not None:
                 ticket.expires_at = time.monotonic() + self.lease_timeout_s
             self._leases[ticket.lease_id] = ticket

@@ -128,6 +128,15 @@ class ModelArgs(BaseModel):
         "is bound by compute, not by reading the weights, and drafts stop paying (measured on 2 CPU cores: "
         "repetitive text 2.3x at 8 rows, 1.2-1.9x at 16; chat 1.12x at 8 rows, 0.95-0.99x at 16).",
     )
+    enable_prefix_caching: bool = Field(
+        True, description="Keep the KV blocks of finished prompts and outputs, and let a request whose "
+        "prompt starts the same way (a shared system prompt, the earlier turns of a chat) prefill only the "
+        "rest. Cached blocks are evicted, least recently used first, whenever a new block is needed.",
+    )
+    runner: Literal["auto", "native", "transformers"] = Field(
+        "auto", description="The forward pass: native = our own for the Llama family (Llama, Mistral, "
+        "Qwen2, Qwen3); transformers = the model's transformers module; auto = native where supported.",
+    )
     kv_cache_tokens: int | None = Field(
         None, ge=16, description="Tokens the paged KV cache of a replica holds (default: enough for "
         "max_batch_size sequences of 1024 tokens, and at least one of max_model_len). A sequence is admitted "
@@ -142,6 +151,15 @@ class ModelArgs(BaseModel):
     router_num_cpus: float = Field(0, ge=0)
     router_replicas: int = Field(
         1, ge=1, le=64, description="Router replicas; each admits into its share of every model replica's slots.")
+    prefix_aware_routing: bool = Field(
+        True, description="With several model replicas, a request goes to the replica most likely to hold "
+        "its prompt's start in its prefix cache (the router remembers where it sent each prompt), unless "
+        "balance says otherwise (prefix_routing_max_imbalance). Off: always the least loaded replica.",
+    )
+    prefix_routing_max_imbalance: int = Field(
+        4, ge=0, description="Sequences a replica may carry beyond the least loaded one and still be chosen "
+        "for holding a request's prefix; beyond it the least loaded replica is chosen.",
+    )
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
 
     @property
@@ -208,6 +226,14 @@ class AppWideArgs(BaseModel):
         "model's max_model_len tokens unless the request asks for truncation (truncate_prompt_tokens).")
     body_read_timeout_s: float = Field(
         30.0, gt=0, description="Deadline for receiving a request body; a slower client gets 408.")
+    max_schema_bytes: int = Field(
+        65_536, ge=256, description="Size of the grammar one request may constrain its output to: the JSON text "
+        "of a response_format / guided_json schema, a guided regex or grammar, or all of its tools' parameter "
+        "schemas together; larger ones get 400.")
+    max_tools: int = Field(128, ge=1, description="Tools in one chat request.")
+    grammar_cache_size: int = Field(
+        256, ge=1, description="Compiled grammars (JSON schemas, tool sets, regexes...) each process keeps; "
+        "a repeated schema is not compiled again.")
 
     # Operations
     metrics: bool = Field(True, description="Export Prometheus metrics through Ray (README 'Operations').")
@@ -220,6 +246,10 @@ class AppWideArgs(BaseModel):
     allowed_hosts: list[str] | None = Field(
         None, description="Host header values served (e.g. ['api.example.com', 'localhost']); others get 400. "
         "A leading '*.' matches subdomains. Default: any host.")
+    prefix_cache_salt_by_api_key: bool = Field(
+        False, description="Requests made with different API keys never share cached KV blocks (a cache "
+        "hit is visible in the time to first token; this keeps tenants from learning each other's prompts).",
+    )
     trust_ray_headers: bool = Field(
         False, description="Honour Ray's per-request control headers (x-request-disconnect-disabled, "
         "x-request-timeout-seconds) from clients; off, such requests get 400.")

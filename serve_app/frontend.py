@@ -8,20 +8,26 @@ unit tests plug in any backend.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from serve_app.config import ModelServingArgs
+from serve_app.engine.grammar_spec import DEAD_END, GrammarSpec
 from serve_app.engine.types import GenerationRequest, SamplingParams, SequenceOutput
 from serve_app.protocol import (
     APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
     GenerateRequest, ModelCard, ModelList, Usage, new_id, now,
+)
+from serve_app.structured_output import output_grammar, tool_context
+from serve_app.tool_calls import (
+    ToolCallParser, ToolContext, parse_output, template_messages, template_supports_tools,
 )
 
 
@@ -88,6 +94,7 @@ class Prepared:
     body: CompletionRequest | ChatCompletionRequest
     requests: list[GenerationRequest]
     response_id: str
+    tools: ToolContext | None = None  # chat with tools the model may call: its answers are parsed for calls
 
 
 class OpenAIFrontend:
@@ -99,6 +106,8 @@ class OpenAIFrontend:
         self.max_model_len = max_model_len
         self.backend = backend
         self.created = now()
+        self._grammars = None  # GrammarCompiler, made at the first constrained request
+        self._template_tools: bool | None = None
 
     @property
     def model_name(self) -> str:
@@ -113,17 +122,20 @@ class OpenAIFrontend:
 
     # ------------------------------------------------------------ preparing
 
-    def prepare_completion(self, body: Any) -> Prepared:
+    def prepare_completion(self, body: Any, tenant: str = "") -> Prepared:
+        """`tenant`: who is asking, when tenants must not share cached prompts (see cache_salt_of)."""
         req = parse_body(CompletionRequest, body)
         self._check_common(req)
         self._check_sequences(len(req.prompts), req.n)
         rid = new_id("cmpl")
+        grammar = self._output_grammar(req, None)
         ids = [self._encode(p, "prompt") for p in req.prompts]
         # Choice index i * n + j: prompt i, sample j (OpenAI's order).
-        return Prepared(req, [self._engine_request(f"{rid}-{i * req.n + j}", t, req, req.max_tokens, j, req.logprobs)
+        return Prepared(req, [self._engine_request(f"{rid}-{i * req.n + j}", t, req, req.max_tokens, j, req.logprobs,
+                                                   grammar, tenant)
                               for i, t in enumerate(ids) for j in range(req.n)], rid)
 
-    def prepare_chat(self, body: Any) -> Prepared:
+    def prepare_chat(self, body: Any, tenant: str = "") -> Prepared:
         req = parse_body(ChatCompletionRequest, body)
         self._check_common(req)
         if len(req.messages) > self.args.max_messages:
@@ -135,12 +147,68 @@ class OpenAIFrontend:
         self._check_sequences(None, req.n)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
-        ids = encode_chat(self.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+        tools = tool_context(req, self.args)
+        grammar = self._output_grammar(req, tools)
+        if tools is not None and grammar is not None and grammar.kind == "tool_calls" and grammar.value:
+            tools = replace(tools, json_answer=True)
+        ids = self._encode_chat(req, tools)
         self._check_prompt_length(ids, "messages")
         rid = new_id("chatcmpl")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return Prepared(req, [self._engine_request(f"{rid}-{j}", ids, req, req.requested_max_tokens, j, logprobs)
-                              for j in range(req.n)], rid)
+        return Prepared(req, [self._engine_request(f"{rid}-{j}", ids, req, req.requested_max_tokens, j, logprobs,
+                                                   grammar, tenant)
+                              for j in range(req.n)], rid, tools)
+
+    # ------------------------------------------------------------ structured output and tools
+
+    @property
+    def grammars(self):
+        """This process's GrammarCompiler (for validation: the replica compiles for itself)."""
+        if self._grammars is None:
+            from serve_app.engine.grammar import GrammarCompiler  # torch + llguidance: only once needed
+
+            self._grammars = GrammarCompiler(self.tokenizer, cache_size=self.args.grammar_cache_size)
+        return self._grammars
+
+    def _output_grammar(self, req, tools: ToolContext | None) -> GrammarSpec | None:
+        """The request's grammar, compiled once here so that an invalid one is a 400 naming its field."""
+        if tools is not None:
+            for i, tool in enumerate(tools.tools):
+                if tool.function.parameters is not None:
+                    self._check_grammar(GrammarSpec.json_schema(tool.function.parameters),
+                                        f"tools.{i}.function.parameters")
+        found = output_grammar(req, tools, self.args)
+        if found is None:
+            return None
+        spec, param = found
+        self._check_grammar(spec, param)
+        return spec
+
+    def _check_grammar(self, spec: GrammarSpec, param: str) -> None:
+        from serve_app.engine.grammar import GrammarError
+
+        try:
+            self.grammars.compile_now(spec, timeout=60)
+        except GrammarError as e:
+            raise APIError(400, f"Invalid '{param}': {e}", param=param,
+                           code="invalid_schema" if spec.kind in ("json_schema", "tool_calls") else "invalid_grammar"
+                           ) from None
+        except TimeoutError:
+            raise APIError(400, f"'{param}' took too long to compile", param=param, code="invalid_grammar") from None
+
+    def _encode_chat(self, req: ChatCompletionRequest, tools: ToolContext | None) -> list[int]:
+        if tools is None and not any(m.tool_calls or m.role == "tool" for m in req.messages):
+            return encode_chat(self.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+        if self._template_tools is None:
+            self._template_tools = template_supports_tools(self.tokenizer)
+        messages, tool_list = template_messages(req.messages, tools, self._template_tools)
+        if tool_list is not None or self._template_tools:
+            # The template renders these strings itself (not as placeholders): no control tokens in them.
+            rendered = json.dumps([tool_list, [m.get("tool_calls") for m in messages]], ensure_ascii=False)
+            if any(t in rendered for t in control_tokens(self.tokenizer)):
+                raise APIError(400, "tools or tool calls contain the model's control tokens", param="tools",
+                               code="invalid_value")
+        return encode_chat(self.tokenizer, messages, tool_list)
 
     def prepare_generate(self, body: Any) -> GenerationRequest:
         req = parse_body(GenerateRequest, body)
@@ -195,7 +263,8 @@ class OpenAIFrontend:
         return ids
 
     def _engine_request(self, rid: str, ids: list[int], req, max_tokens: int | None, choice: int = 0,
-                        logprobs: int | None = None) -> GenerationRequest:
+                        logprobs: int | None = None, grammar: GrammarSpec | None = None,
+                        tenant: str = "") -> GenerationRequest:
         room = self.max_model_len - len(ids)
         if max_tokens is None:
             max_tokens = max(1, min(self.args.max_tokens_default, room))
@@ -217,10 +286,12 @@ class OpenAIFrontend:
             stop=tuple(req.stop), seed=seed, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty, logit_bias=bias or None, logprobs=logprobs,
+            grammar=grammar,
         )
-        return self._make_request(rid, ids, params, "max_tokens")
+        return self._make_request(rid, ids, params, "max_tokens", cache_salt_of(req.cache_salt, tenant))
 
-    def _make_request(self, rid: str, ids: list[int], params: SamplingParams, max_param: str) -> GenerationRequest:
+    def _make_request(self, rid: str, ids: list[int], params: SamplingParams, max_param: str,
+                      cache_salt: str | None = None) -> GenerationRequest:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise APIError(
                 400,
@@ -229,7 +300,7 @@ class OpenAIFrontend:
                 f"completion). Please reduce the prompt or {max_param}.",
                 param=max_param, code="context_length_exceeded",
             )
-        return GenerationRequest(request_id=rid, prompt_token_ids=ids, params=params)
+        return GenerationRequest(request_id=rid, prompt_token_ids=ids, params=params, cache_salt=cache_salt)
 
     # ------------------------------------------------------------ running
 
@@ -257,11 +328,18 @@ class OpenAIFrontend:
         outs = await self._run_to_end(prepared.requests)
         return ChatCompletionResponse(
             id=prepared.response_id, created=now(), model=self.args.model_name,
-            choices=[ChatChoice(index=i, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason,
-                                logprobs=self._chat_logprobs(o))
-                     for i, o in enumerate(outs)],
+            choices=[self._chat_choice(i, o, prepared.tools) for i, o in enumerate(outs)],
             usage=total_usage(outs),
         ).model_dump()
+
+    def _chat_choice(self, index: int, out: SequenceOutput, tools: ToolContext | None) -> ChatChoice:
+        message, finish = AssistantMessage(content=out.text), out.finish_reason
+        if tools is not None:
+            parsed = parse_output(out.text, tools.names, bare_calls=not tools.json_answer)
+            if parsed.tool_calls:
+                message = AssistantMessage(content=parsed.content, tool_calls=parsed.tool_calls)
+                finish = "tool_calls" if finish == "stop" else finish
+        return ChatChoice(index=index, message=message, finish_reason=finish, logprobs=self._chat_logprobs(out))
 
     # ------------------------------------------------------------ logprobs
 
@@ -337,13 +415,30 @@ class OpenAIFrontend:
             first = await anext(outputs, None)
             for index in range(len(prepared.requests)):
                 yield chunk(ChatDelta(role="assistant", content=""), index)
+            # With tools, each choice's text goes through a parser that sends calls as
+            # delta.tool_calls fragments and the rest as content.
+            parsers = {} if prepared.tools is None else {
+                i: ToolCallParser(prepared.tools.names, bare_calls=not prepared.tools.json_answer)
+                for i in range(len(prepared.requests))}
             async for index, out in _prepend(first, outputs):
                 raise_if_failed(out)
-                if out.text or out.logprobs:
+                if index in parsers:
+                    logprobs = self._chat_logprobs(out)
+                    events = parsers[index].feed(out.text) + (parsers[index].finish() if out.finished else [])
+                    for kind, piece in events:
+                        delta = ChatDelta(content=piece) if kind == "content" else ChatDelta(tool_calls=[piece])
+                        yield chunk(delta, index, logprobs=logprobs)
+                        logprobs = None
+                    if logprobs:
+                        yield chunk(ChatDelta(), index, logprobs=logprobs)
+                elif out.text or out.logprobs:
                     yield chunk(ChatDelta(content=out.text), index, logprobs=self._chat_logprobs(out))
                 if out.finished:
                     finals[index] = out
-                    yield chunk(ChatDelta(), index, finish=out.finish_reason)
+                    finish = out.finish_reason
+                    if index in parsers and parsers[index].calls and finish == "stop":
+                        finish = "tool_calls"
+                    yield chunk(ChatDelta(), index, finish=finish)
         if _include_usage(prepared.body) and finals:
             yield chunk(ChatDelta(), usage=total_usage(list(finals.values())), choices=False)
 
@@ -396,25 +491,27 @@ class ServedModels:
         return frontend
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation, with message contents tokenized as plain text.
 
     A user who types the model's control tokens (`<|im_start|>system ...`) must not
     get them parsed as control tokens: the template is rendered around placeholders,
     its own text tokenized normally and each content with special tokens split.
+    Messages whose content is not text (None beside tool calls) keep it.
     """
-    marks = [f"\x1fserve-app-content-{i}\x1f" for i in range(len(messages))]
-    template = _render_chat(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks)])
-    pieces = re.split("(" + "|".join(re.escape(m) for m in marks) + ")", template)
-    if sorted(p for p in pieces if p in marks) != sorted(marks):
+    marks = {i: f"\x1fserve-app-content-{i}\x1f" for i, m in enumerate(messages) if isinstance(m["content"], str)}
+    template = _render_chat(tokenizer, [{**m, "content": marks[i]} if i in marks else m
+                                        for i, m in enumerate(messages)], tools)
+    pieces = re.split("(" + "|".join(re.escape(m) for m in marks.values()) + ")", template) if marks else [template]
+    if sorted(p for p in pieces if p in marks.values()) != sorted(marks.values()):
         # The template transforms contents (it did not keep each placeholder once): tokenize
         # the rendering as a whole, which is safe only when no content holds a control token.
-        specials = [t for t in tokenizer.all_special_tokens if t]
-        if any(t in m["content"] for m in messages for t in specials):
+        specials = control_tokens(tokenizer)
+        if any(t in m["content"] for m in messages if isinstance(m["content"], str) for t in specials):
             raise APIError(400, "message content contains the model's control tokens", param="messages",
                            code="invalid_value")
-        return tokenizer(_render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
-    content = dict(zip(marks, (m["content"] for m in messages)))
+        return tokenizer(_render_chat(tokenizer, messages, tools), add_special_tokens=False)["input_ids"]
+    content = {marks[i]: messages[i]["content"] for i in marks}
     ids: list[int] = []
     for piece in pieces:
         if piece in content:
@@ -425,9 +522,17 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     return ids
 
 
-def _render_chat(tokenizer, messages: list[dict]) -> str:
+def control_tokens(tokenizer) -> list[str]:
+    """The texts the tokenizer turns into control tokens: its named special tokens and the
+    added tokens marked special (`<|im_start|>` is only the latter in some tokenizers)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted({t for t in tokenizer.all_special_tokens if t}
+                  | {t.content for t in added.values() if getattr(t, "special", False) and t.content})
+
+
+def _render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # the template itself may reject a conversation (e.g. role order)
         raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
 
@@ -439,13 +544,25 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
         yield item
 
 
+def cache_salt_of(request_salt: str | None, tenant: str) -> str | None:
+    """What keeps a request's cached prompt blocks apart from others': its own `cache_salt`
+    (vLLM's field) and, when the server salts by API key, who sent it. Requests with the same
+    salt (none, by default) share blocks; a cache hit shows in the time to first token."""
+    if not request_salt and not tenant:
+        return None
+    return f"{tenant}/{request_salt or ''}"
+
+
 def raise_if_failed(out: SequenceOutput) -> None:
     if out.finish_reason == "error":
+        if out.error and out.error.startswith(DEAD_END):
+            raise APIError(500, out.error, type="server_error", code=DEAD_END)
         raise APIError(500, out.error or "generation failed", type="server_error", code="generation_failed")
 
 
 def total_usage(outs: list[SequenceOutput]) -> Usage:
-    return Usage.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs))
+    return Usage.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs),
+                    sum(o.cached_tokens for o in outs))
 
 
 def _include_usage(body) -> bool:

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from serve_app.engine.types import MinTokens, OpenAIPenalty, RepetitionPenalty, Seed, TopK, TopLogprobs, TopP
 
@@ -59,13 +59,87 @@ def queue_full(message: str, retry_after: int) -> APIError:
 _UNSUPPORTED_UNLESS_DEFAULT: dict[str, Any] = {
     "echo": False,
     "suffix": None,
-    "tools": None,
-    "tool_choice": None,
-    "functions": None,
+    "functions": None,  # the deprecated form of tools
     "function_call": None,
-    "response_format": None,
-    "parallel_tool_calls": None,
 }
+
+
+# ---------------------------------------------------------------- structured output and tools
+
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the answer is JSON matching `schema`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field({}, alias="schema")
+    strict: bool | None = Field(None, description="Accepted; the output is always constrained to the schema.")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("'json_schema' is required when type is 'json_schema'")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"'json_schema' is only allowed when type is 'json_schema', not {self.type!r}")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` extension: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json", description="A JSON schema.")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="Lark (llguidance's dialect) or GBNF.")
+    json_object: bool | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments; none = no arguments.")
+    strict: bool | None = Field(None, description="Accepted; forced calls always match the schema.")
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str = Field(description="The arguments as JSON text.")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class StreamOptions(BaseModel):
@@ -96,6 +170,14 @@ class _GenerationFields(BaseModel):
     frequency_penalty: OpenAIPenalty = 0.0
     repetition_penalty: RepetitionPenalty = Field(1.0, description="Extension (vLLM/HF).")
     logit_bias: dict[str, float] | None = Field(None, description="Token id -> bias in [-100, 100].")
+    cache_salt: str | None = Field(None, max_length=256, description="Extension (vLLM): requests with "
+                                   "different salts never share cached prompt blocks.")
+    # vLLM's structured-output extensions (at most one; on chat, not with response_format).
+    guided_json: dict[str, Any] | bool | str | None = Field(None, description="Output matches this JSON schema.")
+    guided_regex: str | None = Field(None, description="Output matches this regular expression.")
+    guided_choice: list[str] | None = Field(None, description="Output is one of these strings.")
+    guided_grammar: str | None = Field(None, description="Output matches this grammar (Lark or GBNF).")
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -167,6 +249,16 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    refusal: str | None = None  # sent back by clients that echo a whole assistant message
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the 'tool_call_id' of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only 'assistant' messages carry 'tool_calls'")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -181,12 +273,12 @@ class ChatCompletionRequest(_GenerationFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: TopLogprobs | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: Any = None
-    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool | None = Field(None, description="Default true: a forced call may be several.")
 
     @field_validator("messages")
     @classmethod
@@ -251,18 +343,24 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
-FinishReason = Literal["stop", "length", "cancelled"] | None
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"] | None
 
 
 class CompletionChoice(BaseModel):
@@ -283,7 +381,15 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # null when the answer is only tool calls
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_tool_calls(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -302,9 +408,25 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A fragment of a streamed tool call: the first of a call has its id, type and name
+    (arguments ""); the next ones add pieces of the arguments' JSON text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 
 import pytest
 
-from serve_app.config import ModelArgs, deployment_slug
+from serve_app.config import ModelServingArgs, deployment_slug
 
 TINY = "builtin:tiny-llama"
 MINILM = "builtin:all-minilm-l6-v2"
@@ -73,17 +74,53 @@ def random_llama(tokenizer, initializer_range: float):
 
 
 def engine_factory(model, tokenizer):
-    """make(max_batch_size, max_model_len, **BatchEngine kwargs) -> a BatchEngine on this model."""
+    """make(max_model_len=2048, **ModelServingArgs fields) -> a BatchEngine on this model, configured as the
+    app would be with those settings (the engine's defaults are the app's: see factory.engine_config)."""
     from serve_app.engine.batch_engine import BatchEngine
+    from serve_app.engine.factory import engine_config
     from serve_app.engine.loading import eos_token_ids
 
-    def make(max_batch_size: int = 8, max_model_len: int = 2048, **kw) -> BatchEngine:
-        # As served (ModelArgs' defaults): engine tests check that speculation changes no token.
-        kw = {"num_speculative_tokens": ModelArgs().num_speculative_tokens,
-              "speculative_max_rows": ModelArgs().speculative_max_rows, **kw}
-        return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), max_batch_size, max_model_len, **kw)
+    def make(max_model_len: int = 2048, **app_args) -> BatchEngine:
+        config = engine_config(ModelServingArgs(**{"max_batch_size": 8, **app_args}), "cpu", max_model_len)
+        return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), config)
 
     return make
+
+
+def token_texts(tokenizer) -> list[str]:
+    return [tokenizer.decode([t]) for t in range(len(tokenizer))]
+
+
+def closing_bonus(tokenizer):
+    """1 for the tokens that close JSON things (quotes, brackets, commas) and EOS, else 0."""
+    import torch
+
+    bonus = torch.tensor([1.0 if any(c in text for c in '"}],') else 0.0 for text in token_texts(tokenizer)])
+    bonus[tokenizer.eos_token_id] = 1.0
+    return bonus
+
+
+def grammar_walk(state, tokenizer, seed: int, max_steps: int = 400, closers=None) -> list[int]:
+    """What a model under a grammar could write: sample at temperature 1 from random logits
+    masked by `state` (serve_app.engine.grammar) until EOS. After 20 tokens the `closers`
+    (closing_bonus) get a growing bonus, so that walks through unbounded strings and numbers end."""
+    import torch
+
+    from serve_app.engine.grammar import apply_masks
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens: list[int] = []
+    for step in range(max_steps):
+        logits = torch.randn(1, len(tokenizer), generator=gen)
+        if closers is not None and step > 20:
+            logits[0] += closers * (step - 20) * 0.5
+        assert apply_masks(logits, [0], [state]) == []
+        token = int(torch.multinomial(logits[0].softmax(-1), 1, generator=gen))
+        assert state.accept(token), (token, tokenizer.decode(tokens))
+        tokens.append(token)
+        if state.is_finished:
+            return tokens
+    pytest.fail(f"walk did not finish in {max_steps} tokens: {tokenizer.decode(tokens)!r}")
 
 
 @pytest.fixture(scope="session")
@@ -94,9 +131,12 @@ def lively_model(tiny_model):
     return random_llama(tokenizer, 0.3), tokenizer
 
 
-@pytest.fixture(scope="session")
-def tiny_engine_factory(lively_model):
-    return engine_factory(*lively_model)
+@pytest.fixture(scope="session", params=["native", "transformers"])
+def tiny_engine_factory(lively_model, request):
+    """Engines on the lively model, once with each model runner: our own Llama forward and
+    transformers' module (the fallback for other architectures) pass the same engine tests."""
+    make = engine_factory(*lively_model)
+    return functools.partial(make, runner=request.param)
 
 
 @pytest.fixture(scope="session")

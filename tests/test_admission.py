@@ -168,3 +168,28 @@ async def test_an_abandoned_key_frees_its_lease_its_place_or_its_future_admissio
     assert queue.in_flight == 1
     queue.release(lease)
     assert queue.in_flight == 0
+
+
+async def test_a_request_goes_to_the_replica_that_holds_its_prefix_while_balance_allows():
+    queue = make(replicas=("r1", "r2"), slots_per_replica=8, affinity_tolerance=2, batch_wait_timeout_s=0)
+    system = (b"s1", b"s2", b"s3")
+    first, where = await queue.admit(1, prefix=system + (b"a1",))
+    # Later turns of that chat, and other users with the same system prompt, follow it there...
+    placed = [where]
+    for user in range(2):
+        _, replica = await queue.admit(1, prefix=system + (b"u%d" % user,))
+        placed.append(replica)
+    assert placed == [where] * 3
+    # ...until it carries more than the tolerance beyond the other replica: then balance wins.
+    _, replica = await queue.admit(1, prefix=system + (b"u9",))
+    assert replica != where
+    # A prompt nobody has seen goes to the least loaded replica.
+    _, fresh = await queue.admit(1, prefix=(b"x1",))
+    assert fresh == replica
+    assert queue.stats()["placed_by_cache_affinity"] >= 2
+
+
+async def test_without_affinity_every_request_goes_to_the_least_loaded_replica():
+    queue = make(replicas=("r1", "r2"), slots_per_replica=8, batch_wait_timeout_s=0)
+    places = [(await queue.admit(1, prefix=(b"s1", b"s2")))[1] for _ in range(4)]
+    assert sorted(places) == ["r1", "r1", "r2", "r2"]

@@ -43,6 +43,6 @@ async def test_closing_a_channel_cancels_what_it_has_in_flight(tiny_engine_facto
                 break
             await asyncio.sleep(0.01)
         assert engine.engine.num_sequences == 0 and engine.engine.num_cancelled == 1
-        assert engine.engine.cache.num_free_blocks == engine.engine.cache.num_blocks
+        assert engine.engine.blocks.num_free_blocks == engine.engine.blocks.num_blocks
     finally:
         engine.shutdown()

@@ -37,15 +37,28 @@ def complete(base, prompt, max_tokens=120):
 
 
 def test_scales_on_sequences_of_one_batched_request(scaling_app):
-    """One HTTP request carrying 16 prompts: Serve counts 1 request, the policy counts 16 sequences."""
+    """One HTTP request at a time carrying 16 prompts: Serve counts 1 request, the policy counts 16
+    sequences. The load is held (one batched request after another) until the second replica is
+    seen, however fast this host works through one."""
     assert running_replicas("scale") == 1
+    seen = threading.Event()
+    replies = []
+
+    def one_batched_request_at_a_time():
+        while not seen.is_set():
+            replies.append(requests.post(f"{scaling_app}/v1/completions", timeout=300, json={
+                "model": TINY, "prompt": [f"prompt {i}" for i in range(16)], "max_tokens": 300,
+                "ignore_eos": True}))
+
     with cf.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(lambda: requests.post(f"{scaling_app}/v1/completions", timeout=300, json={
-            "model": TINY, "prompt": [f"prompt {i}" for i in range(16)], "max_tokens": 600, "ignore_eos": True}))
-        wait_for(lambda: running_replicas("scale") >= 2, 60, "a second replica under one batched request")
-        r = future.result()
-    assert r.status_code == 200
-    assert [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 16
+        load = pool.submit(one_batched_request_at_a_time)
+        try:
+            wait_for(lambda: running_replicas("scale") >= 2, 90, "a second replica under one batched request")
+        finally:
+            seen.set()
+        load.result()
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    assert all([c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 16 for r in replies)
     wait_for(lambda: running_replicas("scale") == 1, 90, "scale back down")
 
 

@@ -34,7 +34,10 @@ CASES = [
     (CHAT, {"model": TINY, "messages": MSG, "logit_bias": {"99999999": 1}}, 400, "logit_bias", "invalid_value"),
     (CHAT, {"model": TINY, "messages": MSG, "max_tokens": 3, "min_tokens": 5}, 400, "min_tokens", None),
     (COMP, {"model": TINY, "prompt": "x", "logprobs": 50}, 400, "logprobs", "invalid_value"),
-    (CHAT, {"model": TINY, "messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
+    (CHAT, {"model": TINY, "messages": MSG, "tools": [{"type": "function"}]}, 400, "tools.0.function", "missing_field"),
+    (CHAT, {"model": TINY, "messages": MSG, "functions": [{"name": "f"}]}, 400, "functions", "unsupported_parameter"),
+    (CHAT, {"model": TINY, "messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "strin"}}}}, 400, "response_format", "invalid_schema"),
     (CHAT, {"model": TINY, "messages": MSG, "frobnicate": 1}, 400, "frobnicate", "unsupported_parameter"),
     (CHAT, {"model": TINY, "messages": MSG, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
     (CHAT, {"model": TINY, "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),

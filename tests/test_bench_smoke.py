@@ -62,3 +62,88 @@ def test_speculation_bench_runs_both_engines_to_the_same_tokens(tiny_engine_fact
     results = [run(tiny_engine_factory(num_speculative_tokens=k), prompts, 12, True) for k in (0, 4)]
     assert all(rate > 0 for rate, _ in results)
     assert results[0][1] == results[1][1] and all(len(t) == 12 for t in results[0][1])
+
+
+def test_cached_tokens_read_from_openai_usage_or_llama_cpp_timings():
+    from bench.loadgen import cached_tokens
+
+    assert cached_tokens({"usage": {"prompt_tokens": 90, "prompt_tokens_details": {"cached_tokens": 64}}}) == 64
+    # llama-server's own field, where usage has no details
+    assert cached_tokens({"usage": {"prompt_tokens": 90}, "timings": {"cache_n": 80, "prompt_n": 10}}) == 80
+    assert cached_tokens({"usage": {"prompt_tokens": 90, "prompt_tokens_details": None}}) == 0
+    assert cached_tokens({"choices": []}) == 0
+
+
+def test_multiturn_chat_carries_history_and_reports_turns(server, tiny_model):
+    from bench.multiturn import CUSTOMERS, MultiTurnChat, run_multiturn
+    from bench.report import multiturn_table
+
+    system = "You are the store's assistant. Returns are accepted within 30 days."
+    chat = MultiTurnChat(users=3, turns=3, max_tokens=4, ignore_eos=True, system_prompt=system)
+    report = asyncio.run(run_multiturn(server, TINY, chat, fresh_connections=True))
+    assert report["completed"] == 9 and report["failed_by_status"] == {}
+    assert report["output_tokens"] == 9 * 4
+    turns = report["turns"]
+    assert [(t["user"], t["turn"]) for t in turns] == [(u, k) for u in range(3) for k in range(3)]
+    tokenizer = tiny_model[1]
+    for user in range(3):
+        mine = [t for t in turns if t["user"] == user]
+        assert all(t["reply"] for t in mine)
+        # Each turn sent the system prompt, this user's questions so far and the replies actually given.
+        conversation = [{"role": "system", "content": system}]
+        for t in mine:
+            conversation.append({"role": "user", "content": CUSTOMERS[user][t["turn"]]})
+            expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+            assert t["prompt_tokens"] == len(expected), (user, t["turn"])
+            conversation.append({"role": "assistant", "content": t["reply"]})
+    assert report["prompt_tokens"] == sum(t["prompt_tokens"] for t in turns)
+    assert report["cached_prompt_tokens"] == sum(t["cached_tokens"] for t in turns)
+    assert 0 <= report["cached_fraction"] <= 1
+    assert report["first_turn_ttft_s"]["p50"] > 0 and report["later_turn_ttft_s"]["p50"] > 0
+    report["system"] = "serve_app"
+    assert "| serve_app |" in multiturn_table([report])
+
+
+def test_run_reports_a_ratio_for_every_target_row(tmp_path, monkeypatch):
+    import bench.run
+    from bench.run import MULTITURN, PREFILL, SCENARIOS, llama_cpp_fits, ratios, targets, write_reports
+
+    def run(system, label, tok_s, itl, ttft, later=None):
+        r = {"system": system, "scenario": label, "completed": 1, "steady_output_tokens_per_s": tok_s,
+             "output_tokens_per_s": tok_s, "itl_s": {"p50": itl}, "ttft_s": {"p50": ttft},
+             "cpu": {"proxy + ingress + router": {"cores": 0.1}}}
+        if later is not None:
+            r |= {"later_turn_ttft_s": {"p50": later}, "first_turn_ttft_s": {"p50": 2 * later},
+                  "cached_fraction": 0.5 if system == "serve_app" else 0.75}
+        return r
+
+    runs = []
+    for system, speed in (("serve_app", 1.0), ("llama.cpp BF16", 2.0), ("llama.cpp F32", 4.0)):
+        runs += [run(system, SCENARIOS[0][0], 100 * speed, 0.1 / speed, 1.0),
+                 run(system, "concurrency 1", 10 * speed, 0.2 / speed, 1.0),
+                 run(system, PREFILL, 1, None, 3.0 / speed),
+                 run(system, MULTITURN, 20 * speed, 0.1, 1.0, later=0.6 / speed)]
+    runs.append(run("serve_app ×2", MULTITURN, 20, 0.1, 1.0, later=0.5) | {"cached_fraction": 0.45})
+    offline = {"output_tokens_per_s": 200.0, "duration_s": 10.0, "output_tokens": 640, "batch_size": 32,
+               "prefill_s": 0.5}
+    found = ratios(runs, offline, ["bf16", "f32"], replicas=2)
+    for key, *_ in targets(["bf16", "f32"], replicas=2):
+        assert key in found, key
+    assert found["closed_loop_vs_llama_cpp_bf16"] == 0.5 and found["closed_loop_vs_llama_cpp_f32"] == 0.25
+    assert found["c1_itl_p50_vs_llama_cpp_bf16"] == 2.0
+    assert found["prefill_2k_ttft_vs_llama_cpp_f32"] == 4.0
+    assert found["multiturn_later_ttft_vs_llama_cpp_bf16"] == 2.0
+    assert found["multiturn_cached_fraction"] == 0.5
+    assert abs(found["multiturn_cached_fraction_replicas_vs_1"] - 0.9) < 1e-9
+    # Without serve_app and the offline limit, the peers' rows are simply absent.
+    alone = [r for r in runs if r["system"] != "serve_app"]
+    assert ratios(alone, None, ["bf16"])["closed_loop_vs_llama_cpp_bf16"] is None
+    monkeypatch.setattr(bench.run, "RESULTS", tmp_path)
+    write_reports("peers", {"model": "m", "machine": "x", "server_args": {}, "offline": None, "replicas": 1,
+                            "llama_cpp_types": ["bf16"], "ratios": ratios(alone, None, ["bf16"]), "runs": []})
+    assert "| closed loop c=32 mixed, steady tok/s ÷ llama.cpp BF16 | not run | ≥ 1.0 | |" in \
+        (tmp_path / "peers.md").read_text()
+    # llama-server's 2,048-token slots hold every scenario but the 2-3k-token prompts.
+    fits = {label: llama_cpp_fits(kw, 65536 // 32) for label, kw in SCENARIOS}
+    assert [label for label, ok in fits.items() if not ok] == ["closed loop c=16, 10% long prompts"]

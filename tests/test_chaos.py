@@ -73,12 +73,8 @@ def kill_one(app: str, deployment: str) -> None:
 
 
 def wait_until_serving(base: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < RECOVERY_S:
-        if one_request(base, 1) == "ok" and one_request(base, 2) == "ok":
-            return time.monotonic() - started
-        time.sleep(0.5)
-    pytest.fail(f"the app did not serve again within {RECOVERY_S} s")
+    return wait_for(lambda: one_request(base, 1) == "ok" and one_request(base, 2) == "ok", RECOVERY_S,
+                    "the app serving again")
 
 
 def test_killing_each_part_under_load_loses_no_request(chaos_app):

@@ -96,9 +96,9 @@ def test_admission_waits_for_kv_memory_instead_of_failing(tiny_engine_factory, l
     while engine.has_work:
         engine.step()
         peak = max(peak, len(engine.running))
-        assert engine.cache.num_free_blocks >= 0
+        engine.blocks.check_invariants(engine.running)  # no block held twice, none lost
     assert peak == 2
-    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     with pytest.raises(ValueError, match="KV cache"):  # could never fit: refused at once, not queued forever
         tiny_engine_factory(kv_cache_tokens=64).add(GenerationRequest(
             request_id="big", prompt_token_ids=[5] * 10, params=SamplingParams(max_tokens=100)))
@@ -108,7 +108,7 @@ def test_blocks_return_after_a_thousand_mixed_requests_with_cancellations(tiny_e
     rng = random.Random(0)
     budget = 24
     engine = tiny_engine_factory(max_batch_size=6, kv_cache_tokens=512, max_num_batched_tokens=budget)
-    free_at_start = engine.cache.num_free_blocks
+    free_at_start = engine.blocks.num_free_blocks
     finished: dict[str, str] = {}
     live: list[str] = []
     for i in range(1000):
@@ -130,26 +130,23 @@ def test_blocks_return_after_a_thousand_mixed_requests_with_cancellations(tiny_e
                 finished[out.request_id] = out.finish_reason
     assert len(finished) == 1000
     assert "cancelled" in finished.values() and "length" in finished.values()
-    assert engine.cache.num_free_blocks == free_at_start
-    assert engine.cache.num_sequences == 0
+    assert engine.blocks.num_free_blocks == free_at_start
+    engine.blocks.check_invariants([])  # every block free or cached, none held
 
 
 def test_fragmented_cache_reads_through_block_gathers_with_the_same_tokens(tiny_engine_factory, lively_model,
                                                                           reference):
     """Sequences whose blocks are scattered (no consecutive run) take the gather path everywhere."""
     engine = tiny_engine_factory(max_num_batched_tokens=8, kv_cache_tokens=4096)
-    cache = engine.cache
-    for i in range(cache.num_blocks):  # take every block, then free every other one
-        cache.allocate(f"filler{i}", 1)
-    for i in range(0, cache.num_blocks, 2):
-        cache.free(f"filler{i}")
+    blocks = engine.blocks
+    blocks._free.sort(key=lambda b: (b % 2, b))  # handed out every other block, descending: no run
     got = run(engine, requests(lively_model[1]))
     assert {k: v[1] for k, v in got.items()} == reference
     reqs = requests(lively_model[1])
     for r in reqs:
         engine.add(r)
     engine.step()
-    assert all(cache.first_slot(s.request_id) is None for s in engine.running)  # really scattered
+    assert all(s.first_slot is None for s in engine.running)  # really scattered
     run(engine, [])
 
 

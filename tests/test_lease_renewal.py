@@ -46,7 +46,6 @@ def test_a_request_that_outlives_the_lease_timeout_keeps_its_lease(ray_cluster):
     import time
 
     import httpx
-    import requests
     from ray import serve
 
     from serve_app.app import build_app

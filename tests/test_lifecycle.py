@@ -9,7 +9,7 @@ import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY
+from tests.conftest import APP_ARGS, TINY, wait_for
 
 SCALE_TO_ZERO = {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0, "upscale_delay_s": 0,
                  "downscale_delay_s": 600}
@@ -31,11 +31,8 @@ def test_health_is_503_until_a_model_replica_runs_and_live_is_200_throughout(col
     reply = requests.post(f"{cold_app}/v1/completions", json={"model": TINY, "prompt": "hi", "max_tokens": 2},
                           timeout=120)
     assert reply.status_code == 200, reply.text
-    deadline = time.monotonic() + 10
-    while (r := requests.get(f"{cold_app}/health", timeout=10)).status_code != 200:
-        assert time.monotonic() < deadline, r.text
-        time.sleep(0.5)
-    assert r.json()["ready_replicas"] == {TINY: 1}
+    wait_for(lambda: requests.get(f"{cold_app}/health", timeout=10).status_code == 200, 10, "readiness")
+    assert requests.get(f"{cold_app}/health", timeout=10).json()["ready_replicas"] == {TINY: 1}
 
 
 def test_a_redeploy_lets_running_streams_finish(ray_cluster):

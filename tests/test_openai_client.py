@@ -49,3 +49,24 @@ def test_client_errors_map_to_openai_exceptions(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=TINY, prompt="x", max_tokens=0)
     assert info.value.body["param"] == "max_tokens"
+
+
+def test_a_repeated_prefix_is_reported_as_cached_tokens_unless_salted_apart(client):
+    system = "You answer questions about parcels. " * 12  # several full KV blocks
+    ask = dict(model=TINY, max_tokens=4, temperature=0)
+    first = client.chat.completions.create(messages=[{"role": "system", "content": system},
+                                                     {"role": "user", "content": "where is it?"}], **ask)
+    again = client.chat.completions.create(messages=[{"role": "system", "content": system},
+                                                     {"role": "user", "content": "and now?"}], **ask)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 48 and cached < again.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < cached
+    chunks = list(client.chat.completions.create(
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": "streamed?"}],
+        stream=True, stream_options={"include_usage": True}, **ask))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    salted = client.chat.completions.create(messages=[{"role": "system", "content": system},
+                                                      {"role": "user", "content": "and now?"}],
+                                            extra_body={"cache_salt": "tenant-b"}, **ask)
+    assert salted.usage.prompt_tokens_details.cached_tokens == 0
+    assert salted.choices[0].message.content == again.choices[0].message.content

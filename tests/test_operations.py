@@ -12,7 +12,7 @@ import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY
+from tests.conftest import APP_ARGS, TINY, wait_for
 
 N = 6
 
@@ -41,14 +41,10 @@ def value(text: str, name: str, **labels) -> float:
     return total
 
 
-def wait_for(metrics_url: str, name: str, at_least: float, **labels) -> str:
+def wait_for_metric(metrics_url: str, name: str, at_least: float, **labels) -> str:
     """Ray exports every second here (conftest); wait until the metric caught up."""
-    deadline = time.monotonic() + 30
-    while True:
-        text = scrape(metrics_url)
-        if value(text, name, **labels) >= at_least or time.monotonic() > deadline:
-            return text
-        time.sleep(1)
+    wait_for(lambda: value(scrape(metrics_url), name, **labels) >= at_least, 30, f"{name} >= {at_least}")
+    return scrape(metrics_url)
 
 
 def test_counters_and_histograms_move_by_the_requests_served(ops_app, metrics_url):
@@ -62,8 +58,8 @@ def test_counters_and_histograms_move_by_the_requests_served(ops_app, metrics_ur
     assert requests.get(f"{ops_app}/v1/nothing", timeout=10).status_code == 404
     assert requests.get(f"{ops_app}/v1/completions", timeout=10).status_code == 405
     m = "ray_vllm_request_success_total"
-    wait_for(metrics_url, m, value(before, m, finished_reason="length") + N, finished_reason="length")
-    after = wait_for(metrics_url, "ray_vllm_iteration_tokens_total_count", 1)  # replica metrics: a 1 s beat
+    wait_for_metric(metrics_url, m, value(before, m, finished_reason="length") + N, finished_reason="length")
+    after = wait_for_metric(metrics_url, "ray_vllm_iteration_tokens_total_count", 1)  # replica metrics: a 1 s beat
 
     def moved(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
@@ -90,7 +86,7 @@ def test_speculative_drafts_are_counted(ops_app, metrics_url):
     r = requests.post(f"{ops_app}/v1/completions", json=body, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 32
     name = "ray_vllm_spec_decode_num_accepted_tokens_total"
-    after = wait_for(metrics_url, name, value(before, name) + 1)
+    after = wait_for_metric(metrics_url, name, value(before, name) + 1)
     drafted = value(after, "ray_vllm_spec_decode_num_draft_tokens_total") - value(
         before, "ray_vllm_spec_decode_num_draft_tokens_total")
     accepted = value(after, name) - value(before, name)
@@ -107,14 +103,13 @@ def test_a_request_id_comes_back_and_is_in_every_log_of_the_graph(ops_app):
     assert bad.status_code == 400 and bad.headers["x-request-id"] == rid + "b"  # errors too
     assert requests.get(f"{ops_app}/health", timeout=10).headers.get("x-request-id")  # generated when not sent
     logs = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp/ray"), "session_latest", "logs", "serve")
-    deadline = time.monotonic() + 10
-    while True:
-        seen = {part for part in ("Ingress", "Router", "ModelReplica")
+
+    def parts_that_logged_it() -> set[str]:
+        return {part for part in ("Ingress", "Router", "ModelReplica")
                 for f in glob.glob(f"{logs}/replica_ops_{part}*.log") if rid in open(f).read()}
-        if seen == {"Ingress", "Router", "ModelReplica"} or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert seen == {"Ingress", "Router", "ModelReplica"}
+
+    wait_for(lambda: parts_that_logged_it() == {"Ingress", "Router", "ModelReplica"}, 10,
+             "the request id in every part's log", [], lambda: (parts_that_logged_it(),))
 
 
 def test_routine_polling_is_not_logged_at_info(ops_app):

@@ -8,11 +8,10 @@ import time
 import httpx
 import psutil
 import pytest
-import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY, model_stats
+from tests.conftest import APP_ARGS, TINY, model_stats, wait_for
 
 REQUESTS = 2000
 WORKERS = 16
@@ -94,16 +93,15 @@ def test_thousands_of_mixed_requests_leave_nothing_behind(soak_app):
     assert set(outcomes) <= {"200", "stream ok", "abandoned", "504", "400"}, outcomes
     assert outcomes["400"] == REQUESTS // 10 and outcomes["504"] > 0
 
-    deadline = time.monotonic() + 15  # abandoned streams are cancelled at the next engine step
-    while True:
+
+    def held() -> tuple:
         router = model_stats(soak_app, replicas=True)["router"]
         replica = router["replica_info"][0]
-        held = (router["in_flight_sequences"], router["queued_requests"], replica["in_flight_sequences"],
-                replica["kv_cache_free_blocks"] - replica["kv_cache_blocks"])
-        if held == (0, 0, 0, 0):
-            break
-        assert time.monotonic() < deadline, f"still held after the soak: {held}"
-        time.sleep(0.5)
-    assert router["expired_leases"] == 0  # every lease was released by its caller, none reclaimed
+        return (router["in_flight_sequences"], router["queued_requests"], replica["in_flight_sequences"],
+                replica["kv_cache_free_blocks"] - replica["kv_cache_blocks"], router["expired_leases"])
+
+    # Abandoned streams are cancelled at the next engine step; every lease is released by its
+    # caller, none reclaimed by expiry.
+    wait_for(lambda: held() == (0, 0, 0, 0, 0), 15, "nothing held after the soak", [], lambda: held())  # every lease was released by its caller, none reclaimed
     for name in procs:
         assert after[name] - before[name] < RSS_GROWTH_BOUND_MB, (name, before, after)

@@ -105,17 +105,16 @@ def test_drafts_end_at_max_tokens_stop_strings_and_eos(looping_engine_factory, e
     stop = text[len(text) // 2:len(text) // 2 + 3]
     a, b = run(plain, [greedy("s", ids, n=30, stop=[stop])]), run(spec, [greedy("s", ids, n=30, stop=[stop])])
     assert (a["s"][0], a["s"][2].finish_reason) == (b["s"][0], b["s"][2].finish_reason) == (a["s"][0], "stop")
-    # EOS inside a kept draft ends the sequence there (the model's eos is one of the tokens it repeats).
+    # EOS inside a kept draft ends the sequence there: the draft's tokens after it are dropped.
     eos = lively_model[1].eos_token_id
-    looping = [5, 6, eos, 7] * 4
-    for engine in (plain, spec):
-        out = run(engine, [GenerationRequest(request_id="e", prompt_token_ids=looping,
-                                             params=SamplingParams(max_tokens=40, temperature=0))])
-        assert out["e"][2].finish_reason in ("stop", "length")
-    assert run(plain, [GenerationRequest(request_id="e", prompt_token_ids=looping,
-                                         params=SamplingParams(max_tokens=40, temperature=0))])["e"][1] == \
-        run(spec, [GenerationRequest(request_id="e", prompt_token_ids=looping,
-                                     params=SamplingParams(max_tokens=40, temperature=0))])["e"][1]
+    spec.add(GenerationRequest(request_id="e", prompt_token_ids=ids, params=SamplingParams(max_tokens=30,
+                                                                                         temperature=0)))
+    spec.step()  # prefilled, one token sampled
+    seq = spec.running[0]
+    before = list(seq.output_ids)
+    out = spec._emit(seq, [11, eos, 12, 13])  # what check_drafts returns for a fully kept draft [11, eos, 12]
+    assert (out.token_ids, out.finish_reason) == ([11, eos], "stop")
+    assert seq.output_ids == before + [11, eos] and not spec.has_work
 
 
 def test_seeded_logprob_and_penalty_rows_decode_one_token_per_step(looping_engine_factory, encode):
@@ -157,7 +156,7 @@ def test_no_drafts_while_a_prompt_waits_or_above_the_row_limit(looping_engine_fa
 def test_budget_holds_and_blocks_return_with_drafts_and_cancellations(looping_engine_factory):
     engine = looping_engine_factory(max_batch_size=4, num_speculative_tokens=6, speculative_max_rows=4,
                                  max_num_batched_tokens=16, kv_cache_tokens=1024)
-    free = engine.cache.num_free_blocks
+    free = engine.blocks.num_free_blocks
     rng = random.Random(0)
     loop = [rng.randrange(5, 200) for _ in range(4)]
     for i in range(150):
@@ -171,7 +170,7 @@ def test_budget_holds_and_blocks_return_with_drafts_and_cancellations(looping_en
     while engine.has_work:
         engine.step()
         assert engine.last_step_tokens <= 16
-    assert engine.cache.num_free_blocks == free
+    assert engine.blocks.num_free_blocks == free
     assert engine.accepted_draft_tokens > 0
 
 
@@ -186,9 +185,9 @@ def test_kept_drafts_leave_the_same_cache_a_plain_run_does(looping_engine_factor
     assert engines[1].accepted_draft_tokens > 0
     a, b = (e.running[0] for e in engines)
     n = min(a.num_cached, b.num_cached)
-    slots = [e.cache.slots("c", 0, n) for e in engines]
-    for layer in range(len(engines[0].cache.keys)):
-        ka, kb = (e.cache.flat(e.cache.keys[layer])[s] for e, s in zip(engines, slots))
+    slots = [e.running[0].slot_map[:n] for e in engines]
+    for layer in range(len(engines[0].kv.keys)):
+        ka, kb = (e.kv.flat(e.kv.keys[layer])[s] for e, s in zip(engines, slots))
         torch.testing.assert_close(ka, kb, atol=1e-4, rtol=1e-4)
 
 

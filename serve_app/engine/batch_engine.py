@@ -1,12 +1,12 @@
-"""Continuous batching over a Hugging Face causal LM, one step at a time.
+"""Continuous batching, one step at a time: schedule, run, postprocess (nano-vllm's shape).
 
-Each `step()` asks the `Scheduler` for a token-budgeted mix of work (one token
-for every decoding sequence, plus prompt chunks), packs those tokens into one
-row, runs one forward pass with the paged attention of `paged_attention`,
-samples a token for every sequence that reached the end of its prompt, and
-retires finished or cancelled sequences (their KV blocks return at once). A
-decoding row with a speculative draft (speculation.py) runs as a chunk of its
-last token + the draft and keeps the part of the draft that its own draws agree with.
+Each `step()` asks the `Scheduler` for a token-budgeted mix of work (one token for every
+decoding sequence, plus prompt chunks), packs those tokens into one row (model_runner.py),
+runs the model runner's forward over the paged KV cache, samples a token for every sequence
+that reached the end of its prompt, and retires finished or cancelled sequences (their blocks
+go back to the block manager, full ones staying in the prefix cache). A decoding row with a
+speculative draft (speculation.py) runs as a chunk of its last token + the draft and keeps the
+part of the draft that its own draws agree with.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from collections.abc import Iterable
 
 import torch
 
-from serve_app.engine.kv_cache import PagedKVCache
-from serve_app.engine.paged_attention import (
-    ATTENTION_NAME, StepLayout, decode_group, group_by_length, prefill_chunk,
-)
+from serve_app.engine.block_manager import BlockManager
+from serve_app.engine.constraints import Constraints, RowFailed
+from serve_app.engine.engine_config import EngineConfig
+from serve_app.engine.kv_cache import KVCache
+from serve_app.engine.model_runner import build_runner, pack_step
+from serve_app.engine.prefix_hash import sequence_salt
 from serve_app.engine.sampling import process_logits, sample_next_tokens, token_logprobs
 from serve_app.engine.scheduler import MIN_PREFILL, ScheduledStep, Scheduler
 from serve_app.engine.sequence import Sequence
 from serve_app.engine.speculation import check_drafts
 from serve_app.engine.types import GenerationRequest, SequenceOutput
-
-DEFAULT_BLOCK_SIZE = 16
 
 logger = logging.getLogger(__name__)
 
@@ -35,27 +35,29 @@ logger = logging.getLogger(__name__)
 class BatchEngine:
     """Generates for many sequences at once; not thread-safe (one driver thread)."""
 
-    def __init__(self, model, tokenizer, eos_token_ids: Iterable[int], max_batch_size: int, max_model_len: int,
-                 *, kv_cache_tokens: int | None = None, max_num_batched_tokens: int | None = None,
-                 step_time_target_s: float | None = None, num_speculative_tokens: int = 0,
-                 speculative_max_rows: int = 1, block_size: int = DEFAULT_BLOCK_SIZE):
-        self.model = model
+    def __init__(self, model, tokenizer, eos_token_ids: Iterable[int], config: EngineConfig):
+        self.config = config
+        self.runner = build_runner(model, config.max_model_len, config.runner)
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
+        self.device = self.runner.device
+        self.dtype = self.runner.dtype
+        self.dtype_reason = "configured"  # why this dtype (set by factory.build_engine)
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.max_batch_size = max_batch_size
-        self.max_model_len = max_model_len
-        model.set_attn_implementation(ATTENTION_NAME)
-        self.cache = PagedKVCache.for_model(
-            model.config, kv_cache_tokens or max_model_len * 2, block_size, model.dtype, self.device)
-        self.scheduler = Scheduler(self.cache, max_batch_size, max_num_batched_tokens or max(256, max_batch_size),
-                                   num_speculative_tokens, speculative_max_rows)
+        self.max_batch_size = config.max_num_seqs
+        self.max_model_len = config.max_model_len
+        self.kv = KVCache.for_model(self.runner.config, config.kv_cache_tokens, config.block_size, self.dtype,
+                                    self.device)
+        self.blocks = BlockManager(self.kv.num_blocks, config.block_size, config.enable_prefix_caching, self.device)
+        self.constraints = Constraints(tokenizer, self.runner.config.vocab_size, self.eos_token_ids,
+                                       config.grammar_cache_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.num_speculative_tokens, config.speculative_max_rows)
         # Steps longer than this silence every stream that long: after a step overran it the
         # token budget shrinks (down to the decode rows + MIN_PREFILL), e.g. while prompt chunks
         # attend to thousands of past tokens on a slow CPU, and grows back after (_adapt_budget).
-        self.step_time_target_s = step_time_target_s
+        self.step_time_target_s = config.step_time_target_s
         self._cancelled: set[str] = set()
-        self.last_step_tokens = 0  # tokens computed by the last step (decode rows + prompt chunk tokens)
+        self.last_step_tokens = 0  # tokens computed by the last step (decode rows + prompt chunks)
         self.last_step_rows = 0  # sequences in the last step
         self.last_step_seconds = 0.0  # wall time of the last step
         self._step_started = 0.0
@@ -69,7 +71,10 @@ class BatchEngine:
         if len(request.prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(request.prompt_token_ids)} tokens does not fit "
                              f"the context of {self.max_model_len}")
-        self.scheduler.add(Sequence(request, self.tokenizer, self.device, self.max_model_len))
+        salt = sequence_salt(self.config.cache_salt, request.cache_salt)
+        seq = Sequence(request, self.tokenizer, self.device, self.max_model_len, self.config.block_size, salt)
+        self.scheduler.add(seq)
+        self.constraints.submit(seq)
 
     def cancel(self, request_id: str) -> None:
         """Stop a sequence at the next step boundary (waiting or running)."""
@@ -102,6 +107,8 @@ class BatchEngine:
 
     def _step(self) -> list[SequenceOutput]:
         outputs = self._drop_cancelled()
+        for seq, error in self.constraints.resolve(self.scheduler.waiting):
+            outputs.append(self._fail(seq, error))
         try:
             plan = self.scheduler.schedule()
             self.last_step_tokens = plan.num_tokens
@@ -145,61 +152,20 @@ class BatchEngine:
     # ------------------------------------------------------------ one step
 
     def _forward(self, plan: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
-        """Pack the step's tokens, run the model; return the sequences to sample and the logits:
-        one row per sequence to sample, then 1 + k rows per drafted row, in plan order."""
-        tokens: list[int] = []
-        positions: list[int] = []
-        writes: list[torch.Tensor] = []
-        layout = StepLayout(self.cache, torch.empty(0))
-        sampled: list[Sequence] = []
-        logit_rows: list[int] = []
-        decodes = plan.decodes
-        for group in group_by_length([s.total_len for s in decodes]):
-            seqs = [decodes[i] for i in group]
-            layout.segments.append(decode_group(self.cache, len(tokens), [s.request_id for s in seqs],
-                                                [s.total_len for s in seqs]))
-            for seq in seqs:
-                pos = seq.total_len - 1  # the last sampled token enters the cache now
-                logit_rows.append(len(tokens))
-                tokens.append(seq.output_ids[-1])
-                positions.append(pos)
-                writes.append(self.cache.slots(seq.request_id, pos, pos + 1))
-                sampled.append(seq)
-        for seq, n in plan.prefills:
-            past = seq.num_cached
-            layout.segments.append(prefill_chunk(self.cache, len(tokens), seq.request_id, past, n))
-            tokens += seq.prompt_ids[past:past + n]
-            positions += range(past, past + n)
-            writes.append(self.cache.slots(seq.request_id, past, past + n))
-            if past + n == seq.prompt_len:  # the prompt is complete: its last position predicts
-                logit_rows.append(len(tokens) - 1)
-                sampled.append(seq)
-        draft_rows: list[int] = []
-        for seq, draft in plan.drafts:  # its last token + the draft, causal over its cached past
-            past, n = seq.total_len - 1, 1 + len(draft)
-            layout.segments.append(prefill_chunk(self.cache, len(tokens), seq.request_id, past, n))
-            draft_rows += range(len(tokens), len(tokens) + n)
-            tokens += [seq.output_ids[-1], *draft]
-            positions += range(past, past + n)
-            writes.append(self.cache.slots(seq.request_id, past, past + n))
-        logit_rows += draft_rows
-        layout.write_slots = torch.cat(writes)
+        """Run the step; return the sequences to sample and the logits: one row per sequence
+        to sample, then 1 + k rows per drafted row, in plan order."""
+        step = pack_step(plan, self.kv, self.device)
+        logits = self.runner.forward(step)
         for seq in plan.decodes:
             seq.num_cached = seq.total_len
         for seq, _ in plan.drafts:  # the drafted positions count once checked (_verify_drafts)
             seq.num_cached = seq.total_len
         for seq, n in plan.prefills:
             seq.num_cached += n
-        out = self.model(
-            input_ids=torch.tensor([tokens], device=self.device),
-            position_ids=torch.tensor([positions], device=self.device),
-            # Already "prepared": transformers passes a 4-D mask through untouched; ours is in the layout.
-            attention_mask=torch.empty(1, 1, 0, 0, device=self.device),
-            use_cache=False,
-            logits_to_keep=torch.tensor(logit_rows, dtype=torch.long, device=self.device),
-            step_layout=layout,
-        )
-        return sampled, out.logits[0]
+            self.blocks.mark_computed(seq)
+        for seq in plan.decodes:
+            self.blocks.mark_computed(seq)
+        return step.sampled, logits
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SequenceOutput]:
         """Sample one token per sequence, update text and finish state, retire finished ones."""
@@ -210,7 +176,10 @@ class BatchEngine:
         if any(p.processes_logits for p in params):
             logits = process_logits(logits.float().clone(), params, [(s.prompt_ids, s.output_ids) for s in seqs],
                                     self.eos_token_ids)
+        logits, dead = self.constraints.mask(logits, seqs, raw)
         tokens = sample_next_tokens(logits, params, [s.generator for s in seqs])
+        for i, error in dead.items():  # no token continues its grammar
+            tokens[i] = RowFailed(error)
         logprobs: dict[int, tuple] = {}
         rows = [i for i, p in enumerate(params) if p.logprobs is not None and isinstance(tokens[i], int)]
         if rows:
@@ -229,6 +198,7 @@ class BatchEngine:
         if not drafts:
             return []
         seqs = [seq for seq, _ in drafts]
+        logits = self.constraints.mask_drafts(logits, drafts)
         emitted = check_drafts(logits, [d for _, d in drafts], [s.params for s in seqs], [s.generator for s in seqs])
         outputs = []
         for (seq, draft), tokens in zip(drafts, emitted):
@@ -238,6 +208,8 @@ class BatchEngine:
             seq.record_draft(len(draft), kept, self.scheduler.num_speculative_tokens)
             seq.num_cached += kept  # the kept drafts' keys/values are right; the rest get overwritten
             outputs.append(self._emit(seq, tokens))
+            if seq.block_table:  # still running: the kept drafts' blocks may now be full
+                self.blocks.mark_computed(seq)
         return outputs
 
     def _emit(self, seq: Sequence, tokens: list[int | Exception]) -> SequenceOutput:
@@ -250,20 +222,27 @@ class BatchEngine:
                 taken.append(token)
                 if seq.finish_reason:
                     break
+        except RowFailed as e:
+            return self._fail(seq, str(e))
         except Exception as e:
             logger.exception("sequence %s failed", seq.request_id)
-            seq.finish_reason = "error"
-            self.scheduler.remove(seq)
-            out = seq.output("", [])
-            out.error = f"generation failed: {type(e).__name__}: {e}"
-            return out
+            return self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
         return seq.output(text, taken)
+
+    def _fail(self, seq: Sequence, error: str) -> SequenceOutput:
+        """End one sequence with an error (the others in the batch go on)."""
+        seq.finish_reason = "error"
+        self.scheduler.remove(seq)
+        out = seq.output("", [])
+        out.error = error
+        return out
 
     def _advance_one(self, seq: Sequence, token: int | Exception) -> str:
         """Append one token; the text it completes (finishing the sequence when it should)."""
         if isinstance(token, Exception):
             raise token
         seq.output_ids.append(token)
+        self.constraints.accept(seq, token)
         is_eos = token in self.eos_token_ids and not seq.params.ignore_eos
         text = "" if is_eos else seq.detok.add_token(token)
         if is_eos or seq.detok.stopped:

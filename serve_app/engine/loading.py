@@ -6,8 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve_app.engine.builtin_models import resolve_model_path
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from serve_app.engine.precision import choose_dtype
 
 
 def select_device(requested: str = "auto") -> torch.device:
@@ -19,26 +18,18 @@ def select_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        return _DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # half precision is slow or unsupported on most CPUs
-
-
 def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(resolve_model_path(model))
 
 
-def load_model(model: str, dtype: str = "auto", device: torch.device | str = "cpu"):
+def load_model(model: str, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu"):
     """Return (model, tokenizer) for a hub id, a local folder, or a built-in name."""
     device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype, _ = choose_dtype(dtype, device)
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa"
-    )
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return lm.to(device).eval(), tokenizer
 
 

@@ -7,6 +7,8 @@ admitted (in arrival order) while a row is free and the KV cache can hold
 their whole length; a prompt longer than what is left is prefilled in chunks
 over several steps. So no prompt, however long, stalls the decoding rows, and
 no sequence is admitted that could later run out of KV memory (no preemption).
+A prompt whose start is in the prefix cache prefills only the rest; one whose
+start another sequence is computing right now waits for it (block_manager.py).
 
 When only a few sequences are decoding and no prompt is waiting, the step's spare
 budget goes to speculative drafts (speculation.py): a row with a draft of k tokens
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from serve_app.engine.kv_cache import PagedKVCache
+from serve_app.engine.block_manager import BlockManager
 from serve_app.engine.sequence import Sequence
 
 
@@ -40,12 +42,12 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 num_speculative_tokens: int = 0, speculative_max_rows: int = 0):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_speculative_tokens: int, speculative_max_rows: int):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
                              f"max_num_seqs ({max_num_seqs}): every running sequence decodes each step")
-        self.cache = cache
+        self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # What this step may use, <= max_num_batched_tokens: the engine lowers it when steps
@@ -59,9 +61,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # admitted: holds KV blocks, prefilling or decoding
 
     def add(self, seq: Sequence) -> None:
-        if self.cache.blocks_for(seq.max_len) > self.cache.num_blocks:
+        if self.blocks.blocks_for(seq.max_len) > self.blocks.num_blocks:
             raise ValueError(f"a sequence of up to {seq.max_len} tokens does not fit the KV cache "
-                             f"({self.cache.capacity_tokens} tokens)")
+                             f"({self.blocks.capacity_tokens} tokens)")
         self.waiting.append(seq)
 
     @property
@@ -76,23 +78,30 @@ class Scheduler:
             if budget == 0:
                 return step
             if not seq.prefilled:
-                n = min(seq.prompt_len - seq.num_cached, budget)
-                step.prefills.append((seq, n))
-                budget -= n
-        while budget and self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self.cache.can_allocate(seq.max_len):
+                budget -= self._prefill(step, seq, budget)
+        for seq in list(self.waiting):
+            if not budget or len(self.running) >= self.max_num_seqs:
+                break
+            if not seq.ready:
+                continue  # its grammar is still compiling: the next arrival may go first
+            if not self.blocks.allocate(seq):
                 break  # first come, first served: later arrivals do not overtake it
-            self.waiting.popleft()
-            self.cache.allocate(seq.request_id, seq.max_len)
+            self.waiting.remove(seq)
             self.running.append(seq)
-            n = min(seq.prompt_len, budget)
-            step.prefills.append((seq, n))
-            budget -= n
+            budget -= self._prefill(step, seq, budget)
         if (self.num_speculative_tokens and not step.prefills and not self.waiting
                 and len(step.decodes) <= self.speculative_max_rows):
             self._add_drafts(step, budget)
         return step
+
+    def _prefill(self, step: ScheduledStep, seq: Sequence, budget: int) -> int:
+        """Schedule the next chunk of a prompt (none while another sequence writes the shared
+        block it needs next); return the tokens it takes."""
+        self.blocks.skip_computed(seq)
+        n = self.blocks.writable_end(seq, budget) - seq.num_cached
+        if n > 0:
+            step.prefills.append((seq, n))
+        return n
 
     def _add_drafts(self, step: ScheduledStep, budget: int) -> None:
         for seq in list(step.decodes):
@@ -110,6 +119,6 @@ class Scheduler:
         """Take a finished or cancelled sequence out, returning its KV blocks."""
         if seq in self.running:
             self.running.remove(seq)
-            self.cache.free(seq.request_id)
+            self.blocks.free(seq)
         else:
             self.waiting.remove(seq)

@@ -5,23 +5,40 @@ from __future__ import annotations
 import torch
 
 from serve_app.engine.detokenizer import IncrementalDetokenizer
+from serve_app.engine.prefix_hash import block_hashes
 from serve_app.engine.sampling import make_generator
 from serve_app.engine.speculation import NgramIndex
 from serve_app.engine.types import FinishReason, GenerationRequest, SequenceOutput
 
 
 class Sequence:
-    """Prompt and output tokens, how many of them are in the KV cache, and how it ends."""
+    """Prompt and output tokens, the KV blocks that hold them, and how it ends."""
 
     __slots__ = ("request", "params", "prompt_ids", "output_ids", "num_cached", "max_len", "detok",
-                 "generator", "finish_reason", "ngrams", "draft_len")
+                 "generator", "finish_reason", "ngrams", "draft_len", "cache_salt", "block_hashes",
+                 "block_table", "block_table_tensor", "slot_map", "first_slot", "num_computed_blocks",
+                 "num_cached_prompt", "grammar", "grammar_future")
 
-    def __init__(self, request: GenerationRequest, tokenizer, device: torch.device, max_model_len: int):
+    def __init__(self, request: GenerationRequest, tokenizer, device: torch.device, max_model_len: int,
+                 block_size: int = 16, cache_salt: str = ""):
         self.request = request
         self.params = request.params
         self.prompt_ids = request.prompt_token_ids
         self.output_ids: list[int] = []
         self.num_cached = 0  # tokens whose keys/values are in the cache
+        # Prefix caching (block_manager.py): the hash chain of the prompt's full blocks, salted by
+        # the model and the request's cache_salt; extended with output blocks as they fill.
+        self.cache_salt = cache_salt
+        self.block_hashes = block_hashes(self.prompt_ids, block_size, cache_salt)
+        self.block_table: list[int] = []  # set by the block manager on admission
+        self.block_table_tensor: torch.Tensor | None = None
+        self.slot_map: torch.Tensor | None = None  # position -> slot of the flat cache
+        self.first_slot: int | None = None  # where it starts if its blocks are consecutive
+        self.num_computed_blocks = 0  # leading blocks whose keys/values are all written
+        self.num_cached_prompt = 0  # prompt tokens served from the prefix cache
+        # Constrained decoding (constraints.py): its grammar being compiled, then its state.
+        self.grammar_future = None
+        self.grammar = None
         # The most tokens it can ever hold: what admission reserves in the KV cache.
         self.max_len = min(len(self.prompt_ids) + self.params.max_tokens, max_model_len)
         self.detok = IncrementalDetokenizer(tokenizer, self.params.stop)
@@ -41,6 +58,31 @@ class Sequence:
     @property
     def total_len(self) -> int:
         return self.prompt_len + len(self.output_ids)
+
+    def token_ids(self, n: int) -> list[int]:
+        """Its first n tokens (prompt, then output)."""
+        if n <= self.prompt_len:
+            return self.prompt_ids[:n]
+        return self.prompt_ids + self.output_ids[:n - self.prompt_len]
+
+    def set_block_table(self, blocks: list[int], block_size: int, device: torch.device | None = None) -> None:
+        """Blocks for every position it may reach (see BlockManager.allocate), and what reading
+        and writing them needs: the table as a tensor and each position's slot."""
+        self.block_table = blocks
+        if not blocks:
+            self.block_table_tensor = self.slot_map = self.first_slot = None
+            return
+        table = torch.tensor(blocks, dtype=torch.long, device=device)
+        self.block_table_tensor = table
+        offsets = torch.arange(block_size, device=table.device)
+        self.slot_map = (table.unsqueeze(1) * block_size + offsets).flatten()
+        consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+        self.first_slot = blocks[0] * block_size if consecutive else None
+
+    @property
+    def ready(self) -> bool:
+        """Nothing keeps it from being admitted (its grammar, if any, is compiled)."""
+        return self.grammar_future is None or self.grammar is not None
 
     @property
     def prefilled(self) -> bool:
@@ -80,4 +122,5 @@ class Sequence:
         return SequenceOutput(
             request_id=self.request_id, text=text, token_ids=token_ids, finish_reason=self.finish_reason,
             prompt_tokens=self.prompt_len, completion_tokens=len(self.output_ids),
+            cached_tokens=self.num_cached_prompt,
         )

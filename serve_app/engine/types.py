@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.engine.grammar_spec import GrammarSpec
+
 GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM
 
 # The bounds of a sampling parameter, declared once: the engine's SamplingParams and the
@@ -39,6 +41,9 @@ class SamplingParams(BaseModel):
     repetition_penalty: RepetitionPenalty = 1.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     logprobs: TopLogprobs | None = None
+    # Structured output / forced tool calls: the output must match this grammar (the replica
+    # compiles it; serve_app/engine/grammar.py says how the sampler applies it).
+    grammar: GrammarSpec | None = None
 
     @property
     def processes_logits(self) -> bool:
@@ -60,6 +65,8 @@ class GenerationRequest(BaseModel):
     request_id: str
     prompt_token_ids: list[int] = Field(min_length=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
+    # Sequences share cached KV blocks only under the same salt (see prefix_hash.py).
+    cache_salt: str | None = None
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -76,6 +83,7 @@ class SequenceOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     # Per token of token_ids when asked: (logprob of the chosen token, [(token id, logprob) of the top ones])
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
@@ -90,6 +98,7 @@ class SequenceOutput:
         self.finish_reason = later.finish_reason
         self.prompt_tokens = later.prompt_tokens
         self.completion_tokens = later.completion_tokens
+        self.cached_tokens = later.cached_tokens
         self.error = later.error
         if later.logprobs is not None:
             self.logprobs = (self.logprobs or []) + later.logprobs
@@ -104,6 +113,6 @@ def coalesce(outputs: list[SequenceOutput]) -> list[SequenceOutput]:
         else:
             merged[out.request_id] = SequenceOutput(
                 out.request_id, out.text, list(out.token_ids), out.finish_reason,
-                out.prompt_tokens, out.completion_tokens, out.error,
+                out.prompt_tokens, out.completion_tokens, out.error, out.cached_tokens,
                 list(out.logprobs) if out.logprobs is not None else None)
     return list(merged.values())

@@ -1,0 +1,88 @@
+/* Decode attention straight over the paged KV cache, for CPUs (no gather, no padding).
+ *
+ * Each decoding row has one query token per head and attends to its first lens[n] positions,
+ * found through its block table. Keys and values are read once, in place; the query heads
+ * that share a KV head (grouped-query attention) are computed together so each key is loaded
+ * once for all of them. Rows x KV heads are spread over the OpenMP threads of the process
+ * (torch's own pool: this library resolves libgomp to the one torch loaded).
+ *
+ * Layouts (contiguous): q, out [N, Hq, D]; k_cache, v_cache [blocks, bs, Hkv, D];
+ * block_tables [N, bt_stride] (int64); lens [N] (int64). The score buffer is per task.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 64);  /* NaN */
+    bits += 0x7fff + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+#define DEFINE_KERNEL(NAME, T, LOAD, STORE)                                                          \
+int NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,               \
+         int64_t bt_stride, const int64_t* lens, T* out, int64_t N, int64_t Hq, int64_t Hkv,         \
+         int64_t D, int64_t bs, float scale) {                                                       \
+    const int64_t G = Hq / Hkv;                                                                      \
+    int failed = 0;                                                                                  \
+    _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                                     \
+    for (int64_t n = 0; n < N; n++) {                                                                \
+        for (int64_t h = 0; h < Hkv; h++) {                                                          \
+            const int64_t L = lens[n];                                                               \
+            float* scores = (float*)malloc(sizeof(float) * (size_t)(G * L + G * D + G * D));         \
+            if (!scores) { failed = 1; continue; }                                                   \
+            float* qf = scores + G * L;                                                              \
+            float* acc = qf + G * D;                                                                 \
+            for (int64_t g = 0; g < G; g++)                                                          \
+                for (int64_t d = 0; d < D; d++)                                                      \
+                    qf[g * D + d] = LOAD(q[(n * Hq + h * G + g) * D + d]) * scale;                   \
+            const int64_t* table = block_tables + n * bt_stride;                                     \
+            float mx[G], sum[G];                                                                     \
+            for (int64_t g = 0; g < G; g++) { mx[g] = -INFINITY; sum[g] = 0.f; }                     \
+            for (int64_t t = 0; t < L; t++) {                                                        \
+                const T* k = k_cache + ((table[t / bs] * bs + t % bs) * Hkv + h) * D;                \
+                for (int64_t g = 0; g < G; g++) {                                                    \
+                    const float* qg = qf + g * D;                                                    \
+                    float s = 0.f;                                                                   \
+                    _Pragma("omp simd reduction(+:s)")                                               \
+                    for (int64_t d = 0; d < D; d++) s += qg[d] * LOAD(k[d]);                         \
+                    scores[g * L + t] = s;                                                           \
+                    if (s > mx[g]) mx[g] = s;                                                        \
+                }                                                                                    \
+            }                                                                                        \
+            for (int64_t g = 0; g < G; g++) {                                                        \
+                float* sg = scores + g * L;                                                          \
+                for (int64_t t = 0; t < L; t++) { sg[t] = expf(sg[t] - mx[g]); sum[g] += sg[t]; }    \
+            }                                                                                        \
+            memset(acc, 0, sizeof(float) * (size_t)(G * D));                                         \
+            for (int64_t t = 0; t < L; t++) {                                                        \
+                const T* v = v_cache + ((table[t / bs] * bs + t % bs) * Hkv + h) * D;                \
+                for (int64_t g = 0; g < G; g++) {                                                    \
+                    const float p = scores[g * L + t];                                               \
+                    float* ag = acc + g * D;                                                         \
+                    _Pragma("omp simd")                                                              \
+                    for (int64_t d = 0; d < D; d++) ag[d] += p * LOAD(v[d]);                         \
+                }                                                                                    \
+            }                                                                                        \
+            for (int64_t g = 0; g < G; g++)                                                          \
+                for (int64_t d = 0; d < D; d++)                                                      \
+                    out[(n * Hq + h * G + g) * D + d] = STORE(acc[g * D + d] / sum[g]);              \
+            free(scores);                                                                            \
+        }                                                                                            \
+    }                                                                                                \
+    return failed;                                                                                   \
+}
+
+#define IDENTITY(x) (x)
+DEFINE_KERNEL(paged_decode_attention_f32, float, IDENTITY, IDENTITY)
+DEFINE_KERNEL(paged_decode_attention_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
