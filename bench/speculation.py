@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench.loadgen import CHAT_QUESTIONS, Workload
-from serve_app.config import AppArgs
+from serve_app.config import ModelArgs, ModelServingArgs
 from serve_app.engine.batch_engine import BatchEngine
 from serve_app.engine.factory import engine_config
 from serve_app.engine.loading import eos_token_ids, load_model
@@ -59,9 +59,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model, tokenizer = load_model(a.model, "auto", "cpu")
-    k = AppArgs().num_speculative_tokens
+    k = ModelArgs().num_speculative_tokens
     def engine(draft: int) -> BatchEngine:
-        args = AppArgs(model=a.model, max_batch_size=max(a.rows), kv_cache_tokens=max(a.rows) * 512,
+        args = ModelServingArgs(model=a.model, max_batch_size=max(a.rows), kv_cache_tokens=max(a.rows) * 512,
                        num_speculative_tokens=draft, speculative_max_rows=max(a.rows), enable_prefix_caching=False)
         return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), engine_config(args, "cpu", 2048))
 

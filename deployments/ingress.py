@@ -25,10 +25,13 @@ from starlette.routing import Route
 
 from deployments import metrics, quiet_logs
 from deployments.metrics import count_error
-from deployments.router import RoutedBackend, sum_router_stats
+from deployments.router import EmbeddingBackend, RoutedBackend, sum_router_stats
 from serve_app.config import AppArgs
+from serve_app.embeddings import EmbeddingFrontend
+from serve_app.engine.embedding import read_spec
 from serve_app.engine.factory import serving_limits
-from serve_app.frontend import OpenAIFrontend, Prepared
+from serve_app.engine.loading import load_tokenizer
+from serve_app.frontend import OpenAIFrontend, Prepared, ServedModels
 from serve_app.protocol import APIError
 from serve_app.security import check_api_key, check_edge, load_api_keys
 
@@ -38,43 +41,58 @@ logger = logging.getLogger("ray.serve")
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    def __init__(self, router: DeploymentHandle, replicas: DeploymentHandle, args: dict):
+    """The API of every model in the app: `model` in a request picks its frontend, which runs it
+    through that model's Router and replicas."""
+
+    def __init__(self, routers: dict[str, DeploymentHandle], replicas: dict[str, DeploymentHandle], args: dict):
         quiet_logs.install()
         self.args = AppArgs.model_validate(args)
         metrics.set_enabled(self.args.metrics)
         self.api_keys = load_api_keys(self.args)
-        tokenizer, self.max_model_len = serving_limits(self.args)
-        self.router = router
+        self.routers = routers
         self.replicas = replicas
-        self.frontend = OpenAIFrontend(self.args, tokenizer, self.max_model_len,
-                                       RoutedBackend(router, replicas, self.args.retry_after_s,
-                                                     self.args.model_name, self.args.lease_timeout_s,
-                                                     self.args.model if self.args.enable_prefix_caching else None))
+        frontends: dict = {}
+        for model in self.args.serving_args():
+            name = model.model_name
+            backend = RoutedBackend(routers[name], replicas[name], model.retry_after_s, name, model.lease_timeout_s,
+                                    model.model if model.enable_prefix_caching and model.task == "generate" else None)
+            if model.task == "embed":
+                tokenizer = load_tokenizer(model.model)
+                spec = read_spec(model.model, model.max_model_len, tokenizer)
+                frontends[name] = EmbeddingFrontend(model, tokenizer, spec,
+                                                    EmbeddingBackend(backend, model.max_batch_size))
+            else:
+                tokenizer, max_model_len = serving_limits(model)
+                frontends[name] = OpenAIFrontend(model, tokenizer, max_model_len, backend)
+        self.served = ServedModels(frontends, {m.model_name: m.task for m in self.args.models})
         # Validation, templating and tokenization run here, off the event loop: a 900 kB
         # prompt must not stall every other stream and /health of this ingress. One thread:
         # the tokenizer releases the GIL, and requests are prepared in arrival order.
         self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        self._ready_at = 0.0  # monotonic time of the last positive readiness check
-        self._ready_replicas = 0
-        logger.info("ingress: model %s, max_model_len %d, API keys %d", self.args.model_name,
-                    self.max_model_len, len(self.api_keys))
+        self._ready: dict[str, tuple[float, int]] = {}  # model -> (monotonic time of a positive check, replicas)
+        logger.info("ingress: models %s, API keys %d",
+                    ", ".join(f"{n} ({self.served.tasks[n]}, context {f.max_model_len})"
+                              for n, f in frontends.items()), len(self.api_keys))
 
     async def prepare(self, prepare, body):
         """`prepare(body)` on the preparing thread."""
         return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, prepare, body)
 
-    async def ready(self) -> int:
-        """Model replicas that can serve now, as the Router sees them (0 also when the
+    async def ready(self) -> dict[str, int]:
+        """Each model's replicas that can serve now, as its Router sees them (0 also when the
         Router does not answer). Cached for a second: probes may come often."""
-        if time.monotonic() - self._ready_at < 1.0:
-            return self._ready_replicas
-        try:
-            self._ready_replicas = await asyncio.wait_for(self.router.ready_replicas.remote(), timeout=2.0)
-        except Exception:  # the router is dead, restarting or overloaded
-            self._ready_replicas = 0
-        if self._ready_replicas:
-            self._ready_at = time.monotonic()
-        return self._ready_replicas
+        async def one(name: str) -> tuple[str, int]:
+            at, count = self._ready.get(name, (0.0, 0))
+            if time.monotonic() - at < 1.0:
+                return name, count
+            try:
+                count = await asyncio.wait_for(self.routers[name].ready_replicas.remote(), timeout=2.0)
+            except Exception:  # the router is dead, restarting or overloaded
+                count = 0
+            self._ready[name] = (time.monotonic() if count else 0.0, count)
+            return name, count
+
+        return dict(await asyncio.gather(*(one(name) for name in self.routers)))
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return build_http_app(self)
@@ -83,41 +101,64 @@ class Ingress:
     # Same semantics as the HTTP routes, for `serve.get_app_handle(...)` callers.
 
     async def completions(self, body: dict) -> dict:
-        prepared = await self.prepare(self.frontend.prepare_completion, body)
-        return await self._run(self.frontend.completion(prepared))
+        frontend = self.served.for_body(body, "generate")
+        return await self._run(frontend.completion(await self.prepare(frontend.prepare_completion, body)))
 
     async def chat(self, body: dict) -> dict:
-        return await self._run(self.frontend.chat(await self.prepare(self.frontend.prepare_chat, body)))
+        frontend = self.served.for_body(body, "generate")
+        return await self._run(frontend.chat(await self.prepare(frontend.prepare_chat, body)))
 
     async def completions_stream(self, body: dict) -> AsyncIterator[dict]:
-        prepared = await self.prepare(self.frontend.prepare_completion, body)
-        async with aclosing(self.frontend.completion_chunks(prepared)) as chunks:
+        frontend = self.served.for_body(body, "generate")
+        prepared = await self.prepare(frontend.prepare_completion, body)
+        async with aclosing(frontend.completion_chunks(prepared)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     async def chat_stream(self, body: dict) -> AsyncIterator[dict]:
-        prepared = await self.prepare(self.frontend.prepare_chat, body)
-        async with aclosing(self.frontend.chat_chunks(prepared)) as chunks:
+        frontend = self.served.for_body(body, "generate")
+        prepared = await self.prepare(frontend.prepare_chat, body)
+        async with aclosing(frontend.chat_chunks(prepared)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     async def generate(self, body: dict) -> dict:
-        return await self._run(self.frontend.generate(await self.prepare(self.frontend.prepare_generate, body)))
+        frontend = self.generate_frontend()
+        return await self._run(frontend.generate(await self.prepare(frontend.prepare_generate, body)))
+
+    async def embeddings(self, body: dict) -> dict:
+        """OpenAI's embeddings: `{"model", "input", ...}` -> `{"data": [{"embedding", "index"}], "usage"}`."""
+        frontend = self.served.for_body(body, "embed")
+        return await self._run(frontend.embeddings(await self.prepare(frontend.prepare, body)))
+
+    def generate_frontend(self) -> OpenAIFrontend:
+        """`/generate` has no `model` field: it runs on the first generation model configured."""
+        frontend = self.served.first("generate")
+        if frontend is None:
+            raise APIError(404, "this server serves no generation model", code="model_not_found")
+        return frontend
 
     async def stats(self, include_replicas: bool = False) -> dict:
-        """Router counters (all Router replicas); with `include_replicas`, what each model
-        replica reports about itself (broadcasts: for operators and tests, not hot paths).
-        A part that does not answer (dead, restarting) is counted in `unreachable`."""
-        routers = await self.router.broadcast("stats").results_async(timeout_s=5, return_exceptions=True)
-        stats = {"model": self.args.model_name, "max_model_len": self.max_model_len,
-                 "router": sum_router_stats([r for r in routers if isinstance(r, dict)]),
-                 "unreachable": {"routers": sum(not isinstance(r, dict) for r in routers)}}
-        if include_replicas:
-            infos = await self.replicas.broadcast("info").results_async(timeout_s=5, return_exceptions=True)
-            stats["router"]["replica_info"] = sorted((i for i in infos if isinstance(i, dict)),
-                                                     key=lambda r: r["replica_id"])
-            stats["unreachable"]["model_replicas"] = sum(not isinstance(i, dict) for i in infos)
-        return stats
+        """Each model's Router counters (all its Router replicas); with `include_replicas`, what
+        each of its replicas reports about itself (broadcasts: for operators and tests, not hot
+        paths). A part that does not answer (dead, restarting) is counted in `unreachable`."""
+        async def one(name: str) -> tuple[str, dict]:
+            frontend = self.served.frontends[name]
+            routers = await self.routers[name].broadcast("stats").results_async(timeout_s=5, return_exceptions=True)
+            stats = {"task": self.served.tasks[name], "max_model_len": frontend.max_model_len,
+                     "router": sum_router_stats([r for r in routers if isinstance(r, dict)]),
+                     "unreachable": {"routers": sum(not isinstance(r, dict) for r in routers)}}
+            if self.served.tasks[name] == "embed":
+                stats["dimensions"] = frontend.spec.dimensions
+            if include_replicas:
+                infos = await self.replicas[name].broadcast("info").results_async(timeout_s=5,
+                                                                                  return_exceptions=True)
+                stats["router"]["replica_info"] = sorted((i for i in infos if isinstance(i, dict)),
+                                                         key=lambda r: r["replica_id"])
+                stats["unreachable"]["model_replicas"] = sum(not isinstance(i, dict) for i in infos)
+            return name, stats
+
+        return {"models": dict(await asyncio.gather(*(one(name) for name in self.routers)))}
 
     async def _run(self, work, timeout: float | None = None):
         timeout = timeout or self.args.request_timeout_s
@@ -132,7 +173,8 @@ class Ingress:
 
 
 def error_response(err: APIError, model_name: str) -> JSONResponse:
-    """The error in OpenAI's shape, counted in the error metric (every error answer passes here)."""
+    """The error in OpenAI's shape, counted in the error metric (every error answer passes here),
+    under the request's model ("" before a model was chosen)."""
     count_error(model_name, err.status, err.code)
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
@@ -140,7 +182,7 @@ def error_response(err: APIError, model_name: str) -> JSONResponse:
 
 def build_http_app(ingress: Ingress) -> Starlette:
     args = ingress.args
-    frontend = ingress.frontend
+    served = ingress.served
 
     def check_auth(request: Request) -> None:
         check_api_key(request.headers.get("authorization"), ingress.api_keys)
@@ -175,6 +217,13 @@ def build_http_app(ingress: Ingress) -> Starlette:
             reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)
             raise APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from None
 
+    async def read_request(request: Request, task: str):
+        """(body, the frontend of its model); the model's name is kept for the error metric."""
+        body = await read_json(request)
+        frontend = served.for_body(body, task)
+        request.state.model = frontend.model_name
+        return body, frontend
+
     def timeout_of(request: Request) -> float | None:
         header = request.headers.get("x-request-timeout")
         if header is None:
@@ -195,43 +244,56 @@ def build_http_app(ingress: Ingress) -> Starlette:
         key = (request.headers.get("authorization") or "").partition(" ")[2].strip()
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
-    async def respond(request: Request, prepare, run, chunks) -> Response:
+    async def respond(request: Request, kind: str) -> Response:
         timeout = timeout_of(request)
-        body = await read_json(request)
+        body, frontend = await read_request(request, "generate")
+        prepare, run, chunks = ((frontend.prepare_completion, frontend.completion, frontend.completion_chunks)
+                                if kind == "completion" else (frontend.prepare_chat, frontend.chat, frontend.chat_chunks))
         prepared: Prepared = await ingress.prepare(functools.partial(prepare, tenant=tenant_of(request)), body)
         if not prepared.body.stream:
             return JSONResponse(await ingress._run(run(prepared), timeout))
         stream = chunks(prepared)
         # Start generating before answering, so queue-full and early errors get a real status.
         first = await ingress._run(anext(stream), timeout)
-        return StreamingResponse(sse(first, stream, timeout, args.model_name), media_type="text/event-stream",
+        return StreamingResponse(sse(first, stream, timeout, frontend.model_name), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def completions(request: Request) -> Response:
-        return await respond(request, frontend.prepare_completion, frontend.completion, frontend.completion_chunks)
+        return await respond(request, "completion")
 
     async def chat_completions(request: Request) -> Response:
-        return await respond(request, frontend.prepare_chat, frontend.chat, frontend.chat_chunks)
+        return await respond(request, "chat")
+
+    async def embeddings(request: Request) -> Response:
+        timeout = timeout_of(request)
+        body, frontend = await read_request(request, "embed")
+        prepared = await ingress.prepare(frontend.prepare, body)
+        return JSONResponse(await ingress._run(frontend.embeddings(prepared), timeout))
 
     async def generate(request: Request) -> Response:
         timeout = timeout_of(request)
+        frontend = ingress.generate_frontend()
+        request.state.model = frontend.model_name
         prepared = await ingress.prepare(frontend.prepare_generate, await read_json(request))
         return JSONResponse(await ingress._run(frontend.generate(prepared), timeout))
 
     async def models(request: Request) -> Response:
         check_auth(request)
-        return JSONResponse(frontend.models())
+        return JSONResponse(served.models())
 
     async def health(request: Request) -> Response:
-        """Readiness: 200 once a model replica can serve, else 503 (load balancers, k8s readinessProbe)."""
-        replicas = await ingress.ready()
-        if not replicas:
-            raise APIError(503, "no model replica is ready yet (loading, or restarting)", type="server_error",
-                           code="not_ready", retry_after=args.retry_after_s)
-        return JSONResponse({"status": "ok", "model": args.model_name, "ready_replicas": replicas})
+        """Readiness: 200 once every model has a replica that can serve, else 503 naming those
+        that have none (load balancers, k8s readinessProbe)."""
+        ready = await ingress.ready()
+        waiting = [name for name, count in ready.items() if not count]
+        if waiting:
+            raise APIError(503, "no replica is ready yet (loading, or restarting) for: "
+                                + ", ".join(f"'{n}'" for n in waiting), type="server_error", code="not_ready",
+                           retry_after=args.retry_after_s)
+        return JSONResponse({"status": "ok", "ready_replicas": ready})
 
     async def live(request: Request) -> Response:
-        """Liveness: this ingress answers (k8s livenessProbe); says nothing about the model."""
+        """Liveness: this ingress answers (k8s livenessProbe); says nothing about the models."""
         return JSONResponse({"status": "alive"})
 
     async def stats(request: Request) -> Response:
@@ -243,24 +305,28 @@ def build_http_app(ingress: Ingress) -> Starlette:
                            code="forbidden")
         return JSONResponse(await ingress.stats(include))
 
+    def model_of(request: Request) -> str:
+        return getattr(request.state, "model", "")
+
     async def on_api_error(request: Request, exc: APIError) -> Response:
-        return error_response(exc, args.model_name)
+        return error_response(exc, model_of(request))
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = {404: f"no route {request.method} {request.url.path}",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
-        return error_response(APIError(exc.status_code, message, code=kind), args.model_name)
+        return error_response(APIError(exc.status_code, message, code=kind), model_of(request))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unexpected error on %s", request.url.path)
         return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error",
-                                       code="internal_error"), args.model_name)
+                                       code="internal_error"), model_of(request))
 
     return Starlette(
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/generate", generate, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
@@ -286,7 +352,7 @@ class EdgeGuard:
             try:
                 check_edge(headers, self.args)
             except APIError as err:
-                await error_response(err, self.args.model_name)(scope, receive, send)
+                await error_response(err, "")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

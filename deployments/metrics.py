@@ -4,7 +4,9 @@ Named after vLLM's where the meaning is the same (`vllm:num_requests_running`
 is `vllm_num_requests_running` here: Ray no longer accepts ':' in names), ours
 are `serve_app_*`. Ray adds the `deployment`, `replica` and `application` tags
 and exports every name with a `ray_` prefix: `ray_vllm_num_requests_running`.
-Each process creates only the metrics it records.
+Each process creates only the metrics it records. Every metric carries `model_name`: a
+Router or model replica serves one model (set once per process, `set_enabled`), the
+ingress tags each request with its own.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ MODEL = ("model_name",)
 
 
 _enabled = True
+_model_name = ""  # the model of this process's Router or replica ("" in the ingress: tagged per request)
 
 
-def set_enabled(enabled: bool) -> None:
-    """Turn this process's metrics on or off (config `metrics`); call before recording any."""
-    global _enabled
+def set_enabled(enabled: bool, model_name: str = "") -> None:
+    """Turn this process's metrics on or off (config `metrics`) and name the model a Router or
+    replica process serves; call before recording any."""
+    global _enabled, _model_name
     _enabled = enabled
+    _model_name = model_name
 
 
 class _Off:
@@ -48,7 +53,12 @@ def metric_set(make):
     @functools.cache
     @functools.wraps(make)
     def get():
-        return make() if _enabled else _AllOff()
+        if not _enabled:
+            return _AllOff()
+        made = make()
+        for metric in made.values():
+            metric.set_default_tags({"model_name": _model_name})
+        return made
     return get
 
 
@@ -77,31 +87,52 @@ def ingress_metrics():
 def router_metrics():
     return {
         "queue_time": metrics.Histogram("vllm_request_queue_time_seconds", "Time a request waited for admission.",
-                                        LATENCY_BUCKETS),
-        "queue_length": metrics.Gauge("serve_app_router_queue_length", "Sequences waiting in this router."),
-        "in_flight": metrics.Gauge("serve_app_router_in_flight_sequences", "Sequences this router has admitted."),
+                                        LATENCY_BUCKETS, tag_keys=MODEL),
+        "queue_length": metrics.Gauge("serve_app_router_queue_length", "Sequences waiting in this router.",
+                                      tag_keys=MODEL),
+        "in_flight": metrics.Gauge("serve_app_router_in_flight_sequences", "Sequences this router has admitted.",
+                                   tag_keys=MODEL),
     }
 
 
 @metric_set
 def replica_metrics():
     return {
-        "running": metrics.Gauge("vllm_num_requests_running", "Sequences in the engine's running batch."),
-        "waiting": metrics.Gauge("vllm_num_requests_waiting", "Sequences in the engine waiting for KV blocks."),
-        "kv_usage": metrics.Gauge("vllm_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)."),
+        "running": metrics.Gauge("vllm_num_requests_running", "Sequences in the engine's running batch.",
+                                 tag_keys=MODEL),
+        "waiting": metrics.Gauge("vllm_num_requests_waiting", "Sequences in the engine waiting for KV blocks.",
+                                 tag_keys=MODEL),
+        "kv_usage": metrics.Gauge("vllm_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
+                                  tag_keys=MODEL),
         "step_tokens": metrics.Histogram("vllm_iteration_tokens_total", "Tokens computed per engine step.",
-                                         TOKEN_BUCKETS),
+                                         TOKEN_BUCKETS, tag_keys=MODEL),
         "step_rows": metrics.Histogram("serve_app_step_batch_size", "Sequences decoded or prefilled per step.",
-                                       TOKEN_BUCKETS),
-        "step_time": metrics.Histogram("serve_app_step_seconds", "Wall time of one engine step.", LATENCY_BUCKETS),
+                                       TOKEN_BUCKETS, tag_keys=MODEL),
+        "step_time": metrics.Histogram("serve_app_step_seconds", "Wall time of one engine step.", LATENCY_BUCKETS,
+                                       tag_keys=MODEL),
         "draft_tokens": metrics.Counter("vllm_spec_decode_num_draft_tokens_total",
-                                        "Speculative draft tokens checked."),
+                                        "Speculative draft tokens checked.", tag_keys=MODEL),
         "accepted_draft_tokens": metrics.Counter("vllm_spec_decode_num_accepted_tokens_total",
-                                                 "Speculative draft tokens kept (the model agreed)."),
+                                                 "Speculative draft tokens kept (the model agreed).", tag_keys=MODEL),
         "prefix_cache_queries": metrics.Counter("vllm_prefix_cache_queries", "Prompt tokens looked up in the "
-                                                "prefix cache (every admitted sequence's prompt)."),
+                                                "prefix cache (every admitted sequence's prompt).", tag_keys=MODEL),
         "prefix_cache_hits": metrics.Counter("vllm_prefix_cache_hits", "Prompt tokens served from the prefix "
-                                             "cache instead of being computed."),
+                                             "cache instead of being computed.", tag_keys=MODEL),
+    }
+
+
+@metric_set
+def embedding_replica_metrics():
+    """An embedding replica: its forwards (padded tokens, inputs, time) and inputs in hand."""
+    return {
+        "running": metrics.Gauge("vllm_num_requests_running", "Inputs the replica holds (waiting or embedding).",
+                                 tag_keys=MODEL),
+        "step_tokens": metrics.Histogram("vllm_iteration_tokens_total", "Tokens computed per forward (padded).",
+                                         TOKEN_BUCKETS, tag_keys=MODEL),
+        "step_rows": metrics.Histogram("serve_app_step_batch_size", "Inputs embedded per forward.",
+                                       TOKEN_BUCKETS, tag_keys=MODEL),
+        "step_time": metrics.Histogram("serve_app_step_seconds", "Wall time of one forward.", LATENCY_BUCKETS,
+                                       tag_keys=MODEL),
     }
 
 
@@ -132,6 +163,14 @@ class RequestMetrics:
                     m["prompt_tokens"].inc(out.prompt_tokens, tags=tags)
                 if out.completion_tokens:
                     m["generation_tokens"].inc(out.completion_tokens, tags=tags)
+
+
+def record_embedding(model_name: str, seconds: float, prompt_tokens: int, inputs: int) -> None:
+    """One embeddings request that succeeded: latency, tokens embedded, inputs (as finished sequences)."""
+    m, tags = ingress_metrics(), {"model_name": model_name}
+    m["e2e"].observe(seconds, tags=tags)
+    m["prompt_tokens"].inc(prompt_tokens, tags=tags)
+    m["finished"].inc(inputs, tags={**tags, "finished_reason": "stop"})
 
 
 def count_error(model_name: str, status: int, code: str | None) -> None:

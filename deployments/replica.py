@@ -22,7 +22,7 @@ from deployments import metrics, quiet_logs
 from deployments.detached import call_detached
 from deployments.metrics import replica_metrics
 from serve_app.autoscaling import IN_FLIGHT, ROUTER_QUEUE
-from serve_app.config import AppArgs
+from serve_app.config import ModelServingArgs
 from serve_app.engine.async_engine import OutputChannel
 from serve_app.engine.factory import build_engine
 from serve_app.engine.loading import select_device
@@ -44,8 +44,8 @@ class ChannelClosed(RuntimeError):
 class ModelReplica:
     def __init__(self, args: dict):
         quiet_logs.install()
-        self.args = AppArgs.model_validate(args)
-        metrics.set_enabled(self.args.metrics)
+        self.args = ModelServingArgs.model_validate(args)
+        metrics.set_enabled(self.args.metrics, model_name=self.args.model_name)
         self._exported: dict[str, int] = {}  # counter totals already exported (see _export_metrics)
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned us, so "cuda" is exactly those.
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
@@ -56,7 +56,7 @@ class ModelReplica:
         self.engine = build_engine(self.args, self.device)
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
-        self._router = serve.get_deployment_handle("Router", context.app_name)
+        self._router = serve.get_deployment_handle(self.args.router_deployment, context.app_name)
         self._channels: dict[str, OutputChannel] = {}
         logger.info("replica %s: model %s on %s (assigned GPUs %s, CUDA_VISIBLE_DEVICES=%s), KV cache %d tokens",
                     self.replica_id, self.args.model, self.device, self.gpu_ids or "none",

@@ -27,10 +27,11 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics, quiet_logs, routing_state
 from deployments.detached import broadcast_detached, call_detached
-from deployments.metrics import RequestMetrics, router_metrics
+from deployments.metrics import RequestMetrics, record_embedding, router_metrics
 from deployments.replica import ChannelClosed, ReplicaChannel, stream_via_channel
 from serve_app.admission import AdmissionQueue
-from serve_app.config import AppArgs
+from serve_app.config import ModelServingArgs
+from serve_app.embeddings import CoalescingBackend
 from serve_app.engine.engine_config import BLOCK_SIZE
 from serve_app.engine.prefix_hash import block_hashes, sequence_salt
 from serve_app.engine.types import GenerationRequest, SequenceOutput
@@ -43,10 +44,13 @@ MAX_PREFIX_BLOCKS = 512  # a placement hint: the first 8k tokens of a prompt say
 
 @serve.deployment(name="Router")
 class Router:
+    """One model's admission (`build_app` names it Router-<model>): the same for generation
+    and embedding models; a sequence is a generated choice or one input to embed."""
+
     def __init__(self, replicas: DeploymentHandle, args: dict):
         quiet_logs.install()
-        self.args = AppArgs.model_validate(args)
-        metrics.set_enabled(self.args.metrics)
+        self.args = ModelServingArgs.model_validate(args)
+        metrics.set_enabled(self.args.metrics, model_name=self.args.model_name)
         self.metrics = router_metrics()
         # Initializing the handle makes its request router track the running replicas
         # (routing_state.RUNNING_REPLICAS); this process never sends tokens through it.
@@ -124,6 +128,22 @@ def sum_router_stats(stats: list[dict]) -> dict:
     if "batch_size_histogram" in total:
         total["batch_size_histogram"] = dict(sorted(total["batch_size_histogram"].items()))
     return total
+
+
+class EmbeddingBackend:
+    """The ingress's way to embed with one model: requests that wait together are sent as one
+    group (`CoalescingBackend`: one admission, one replica call), each group through
+    `RoutedBackend.embed`; latency and token metrics are recorded per request."""
+
+    def __init__(self, routed: "RoutedBackend", max_inputs: int):
+        self.model_name = routed.model_name
+        self.groups = CoalescingBackend(routed.embed, max_inputs)
+
+    async def embed(self, inputs: list[list[int]]):
+        started = time.monotonic()
+        vectors = await self.groups.embed(inputs)
+        record_embedding(self.model_name, time.monotonic() - started, sum(len(ids) for ids in inputs), len(inputs))
+        return vectors
 
 
 class RoutedBackend:
@@ -225,6 +245,34 @@ class RoutedBackend:
             # their lease expired. Which router has the key is unknown: tell them all.
             broadcast_detached(self._router, "abandon", key)
             raise
+
+    async def embed(self, inputs: list[list[int]]):
+        """Vectors for these token-id lists from one embedding replica, admitted like a request of
+        len(inputs) sequences. Retried once when the replica or router fails (nothing streamed)."""
+        for attempt in (1, 2):
+            try:
+                return await self._call_once("embed", len(inputs), inputs)
+            except APIError:
+                raise
+            except RayError as e:
+                if attempt == 2:
+                    raise self._unavailable(e) from None
+                logger.warning("retrying an embedding request after %s", type(e).__name__)
+
+    async def _call_once(self, method: str, num_sequences: int, *args):
+        """`method(*args)` on the model replica the Router admits this request to."""
+        router_id, lease_id, replica_id = await self._admit(num_sequences)
+        self._held[lease_id] = router_id
+        self._start_renewing()
+        response = getattr(self._replicas, method).remote(*args, replica_id=replica_id)
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # the caller left (deadline, disconnect): the replica skips what it has not run
+            raise
+        finally:
+            self._held.pop(lease_id, None)
+            call_detached(self._router.release, lease_id, replica_id=router_id)
 
     def _unavailable(self, error: Exception) -> APIError:
         return APIError(503, f"the model server failed while generating ({type(error).__name__}); retry",

@@ -2,7 +2,8 @@
 
     serve-app chat                      interactive, streaming
     serve-app complete "Once upon a"    one completion, streamed to stdout
-    serve-app status                    replicas, devices, load
+    serve-app embed "text" ...          embeddings as JSON lines; --query Q ranks the texts instead
+    serve-app status                    each model: replicas, devices, load
     serve-app bench [--quick ...]       the benchmark (bench/run.py)
 
 The server is `--url` or $SERVE_APP_URL (default http://127.0.0.1:8000); the key is
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,8 +36,20 @@ class Client:
     def get(self, path: str) -> dict:
         return self._json(self._send("GET", path))
 
-    def model(self) -> str:
-        return self.get("/v1/models")["data"][0]["id"]
+    def model(self, task: str = "generate") -> str:
+        """The first served model of this task."""
+        cards = self.get("/v1/models")["data"]
+        for card in cards:
+            if card.get("task", "generate") == task:
+                return card["id"]
+        raise CLIError(f"{self.url} serves no {'embedding' if task == 'embed' else 'generation'} model "
+                       f"(it serves: {', '.join(c['id'] for c in cards)})")
+
+    def post(self, path: str, body: dict) -> dict:
+        try:
+            return self._json(self.http.post(path, json=body))
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from None
 
     def stream(self, path: str, body: dict) -> Iterator[dict]:
         """The server-sent events of a streaming request, as dicts; an error event raises."""
@@ -107,26 +121,58 @@ def cmd_chat(client: Client, args) -> None:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_embed(client: Client, args) -> None:
+    model = args.model or client.model("embed")
+    texts = list(args.texts)
+    body = {"model": model, "input": texts + ([args.query] if args.query is not None else [])}
+    if args.dimensions:
+        body["dimensions"] = args.dimensions
+    vectors = [d["embedding"] for d in sorted(client.post("/v1/embeddings", body)["data"], key=lambda d: d["index"])]
+    if args.query is None:
+        for vector in vectors:
+            print(json.dumps(vector))
+        return
+    query = vectors.pop()
+    ranked = sorted(zip((cosine(query, v) for v in vectors), texts), key=lambda pair: -pair[0])
+    for score, text in ranked:
+        print(f"{score:.4f}  {text}")
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return sum(x * y for x, y in zip(a, b)) / norm if norm else 0.0
+
+
 def cmd_status(client: Client, args) -> None:
     health = client._send("GET", "/health")
     stats = client.get("/stats?replicas=1")
-    router = stats["router"]
     ready = "ready" if health.status_code == 200 else "NOT READY"
-    print(f"{client.url}: {ready}; model {stats['model']} (context {stats['max_model_len']})")
-    print(f"routers {router.get('routers', 0)}: {router.get('queued_requests', 0)} requests queued, "
-          f"{router.get('in_flight_sequences', 0)} sequences in flight, {router.get('rejected', 0)} rejected")
-    unreachable = {k: v for k, v in stats.get("unreachable", {}).items() if v}
-    if unreachable:
-        print(f"unreachable: {unreachable}")
-    rows = [("replica", "device", "GPUs", "running", "waiting", "KV used", "step ms", "steps")]
-    for r in router.get("replica_info", []):
-        kv = 1 - r["kv_cache_free_blocks"] / max(1, r["kv_cache_blocks"])
-        rows.append((r["replica_id"], r["device"], ",".join(r["gpu_ids"]) or "-", str(r["running_sequences"]),
-                     str(r["in_flight_sequences"] - r["running_sequences"]), f"{kv:.0%}",
-                     f"{r['engine_step_ms_mean']:.0f}", str(r["engine_steps"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print(f"{client.url}: {ready}")
+    for name, model in stats["models"].items():
+        router = model["router"]
+        extra = f", {model['dimensions']} dimensions" if "dimensions" in model else ""
+        print(f"\nmodel {name} ({model['task']}, context {model['max_model_len']}{extra})")
+        print(f"routers {router.get('routers', 0)}: {router.get('queued_requests', 0)} requests queued, "
+              f"{router.get('in_flight_sequences', 0)} sequences in flight, {router.get('rejected', 0)} rejected")
+        unreachable = {k: v for k, v in model.get("unreachable", {}).items() if v}
+        if unreachable:
+            print(f"unreachable: {unreachable}")
+        if model["task"] == "embed":
+            rows = [("replica", "device", "GPUs", "inputs", "embedded", "per forward", "forward ms", "forwards")]
+            for r in router.get("replica_info", []):
+                rows.append((r["replica_id"], r["device"], ",".join(r["gpu_ids"]) or "-", str(r["in_flight_inputs"]),
+                             str(r["inputs_embedded"]), f"{r['inputs_per_forward_mean']:.1f}",
+                             f"{r['forward_ms_mean']:.0f}", str(r["forwards"])))
+        else:
+            rows = [("replica", "device", "GPUs", "running", "waiting", "KV used", "step ms", "steps")]
+            for r in router.get("replica_info", []):
+                kv = 1 - r["kv_cache_free_blocks"] / max(1, r["kv_cache_blocks"])
+                rows.append((r["replica_id"], r["device"], ",".join(r["gpu_ids"]) or "-",
+                             str(r["running_sequences"]), str(r["in_flight_sequences"] - r["running_sequences"]),
+                             f"{kv:.0%}", f"{r['engine_step_ms_mean']:.0f}", str(r["engine_steps"])))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
 
 
 def cmd_bench(args, rest: list[str]) -> int:
@@ -147,7 +193,12 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("prompt")
         else:
             c.add_argument("--system", help="a system message")
-    sub.add_parser("status", help="replicas, devices and load of the running app")
+    e = sub.add_parser("embed", help="embed texts: one JSON vector per line, or with --query a ranking")
+    e.add_argument("texts", nargs="+")
+    e.add_argument("--model", help="default: the first embedding model served")
+    e.add_argument("--query", help="print the texts ranked by cosine similarity to this query instead")
+    e.add_argument("--dimensions", type=int, help="shorter vectors (Matryoshka models only)")
+    sub.add_parser("status", help="each model's replicas, devices and load")
     sub.add_parser("bench", help="run the benchmark (arguments go to bench/run.py)", add_help=False)
     return p
 
@@ -160,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         parser().error(f"unrecognized arguments: {' '.join(rest)}")
     client = Client(args.url, args.api_key)
     try:
-        {"chat": cmd_chat, "complete": cmd_complete, "status": cmd_status}[args.command](client, args)
+        {"chat": cmd_chat, "complete": cmd_complete, "embed": cmd_embed, "status": cmd_status}[args.command](
+            client, args)
     except CLIError as e:
         print(f"serve-app: {e}", file=sys.stderr)
         return 1

@@ -2,15 +2,24 @@
 
 `serve_config.yaml` passes `args:` to `serve_app.app:build_app`, which validates
 them with `AppArgs`. A wrong field fails at startup with a message naming it.
+
+An app serves one or more models (`models:`, each a `ModelArgs`); the per-model
+fields may also be written at the top level of `args` for a single model. Each
+model's deployments receive a `ModelServingArgs`: that model's fields with the
+app-wide ones beside them.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "builtin:all-minilm-l6-v2"
+
+Task = Literal["generate", "embed"]
 
 
 class AutoscalingArgs(BaseModel):
@@ -64,21 +73,27 @@ class AutoscalingArgs(BaseModel):
         return max(self.min_replicas, 1)
 
 
-class AppArgs(BaseModel):
-    """Everything a user configures; every field has a working default."""
+class ModelArgs(BaseModel):
+    """One served model: what it is, how its replicas batch, queue, scale and where they run."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    # Model
     model: str = Field(
         DEFAULT_MODEL,
         description="Hugging Face hub id, local directory, or a built-in offline model "
-        "('builtin:smollm2-135m-instruct', 'builtin:tiny-llama').",
+        "('builtin:smollm2-135m-instruct', 'builtin:all-minilm-l6-v2', 'builtin:tiny-llama').",
     )
     served_model_name: str | None = Field(None, description="Name clients pass as `model` (default: `model`).")
+    task: Task | None = Field(
+        None, description="'generate' (chat and completions) or 'embed' (/v1/embeddings). Default: detected from "
+        "the model: a sentence-transformers folder or an encoder (BERT family) embeds, a causal LM generates. "
+        "'embed' on a causal LM pools its last token.",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = the GPU Ray assigned, else CPU.")
-    max_model_len: int | None = Field(None, gt=0, description="Context limit (default: the model's own).")
+    max_model_len: int | None = Field(
+        None, gt=0, description="Context limit (default: the model's own; for a sentence-transformers model its "
+        "max_seq_length). For an embedding model, the most tokens of one input.")
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads of a CPU replica (default: the node's cores divided by "
         "autoscaling.max_replicas, at least 1; Ray would give it one per reserved CPU, 24% slower measured on "
@@ -86,11 +101,14 @@ class AppArgs(BaseModel):
     )
 
     # Batching and queueing
-    max_batch_size: int = Field(32, ge=1, le=1024, description="Sequences a replica decodes together.")
+    max_batch_size: int = Field(
+        32, ge=1, le=1024, description="Sequences a replica decodes together (an embedding replica: inputs it "
+        "holds at once).")
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="Token budget of one engine step: one per decoding sequence, the rest "
         "prefills prompts in chunks (default: 256 on CPU, 2048 on GPU; at least max_batch_size). "
-        "Smaller keeps streams flowing while long prompts arrive; larger prefills faster.",
+        "Smaller keeps streams flowing while long prompts arrive; larger prefills faster. For an embedding "
+        "model: padded tokens of one forward (default: 8192 on CPU, 32768 on GPU).",
     )
     step_time_target_s: float | None = Field(
         None, gt=0, description="Steps longer than this silence every stream that long: when set, the engine "
@@ -126,6 +144,51 @@ class AppArgs(BaseModel):
     )
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long the router waits to fill a batch.")
     max_queue_len: int = Field(256, ge=1, description="Requests waiting in the router; beyond it clients get 429.")
+
+    # Placement
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per replica (default: 1 if the cluster has GPUs, else 0).")
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved per model replica.")
+    router_num_cpus: float = Field(0, ge=0)
+    router_replicas: int = Field(
+        1, ge=1, le=64, description="Router replicas; each admits into its share of every model replica's slots.")
+    prefix_aware_routing: bool = Field(
+        True, description="With several model replicas, a request goes to the replica most likely to hold "
+        "its prompt's start in its prefix cache (the router remembers where it sent each prompt), unless "
+        "balance says otherwise (prefix_routing_max_imbalance). Off: always the least loaded replica.",
+    )
+    prefix_routing_max_imbalance: int = Field(
+        4, ge=0, description="Sequences a replica may carry beyond the least loaded one and still be chosen "
+        "for holding a request's prefix; beyond it the least loaded replica is chosen.",
+    )
+    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def step_token_budget(self, device_type: str) -> int:
+        """max_num_batched_tokens, or its default for this device (CPU steps must stay short)."""
+        if self.task == "embed":
+            return self.max_num_batched_tokens or (32768 if device_type == "cuda" else 8192)
+        default = 2048 if device_type == "cuda" else 256
+        return max(self.max_num_batched_tokens or default, self.max_batch_size)
+
+    def cpu_threads(self, node_cores: int) -> int:
+        """torch threads of a CPU replica: torch_threads, or the cores shared by as many replicas as
+        autoscaling may place. Why not all cores each: 3 replicas x 2 spinning OpenMP threads on 2
+        cores stalled a 1,900-token request past a 60 s grace period; 1 thread each served it."""
+        return self.torch_threads or max(1, node_cores // self.autoscaling.max_replicas)
+
+    def kv_tokens(self, max_model_len: int) -> int:
+        """kv_cache_tokens, or its default for this context length."""
+        return self.kv_cache_tokens or max(max_model_len, self.max_batch_size * 1024)
+
+
+class AppWideArgs(BaseModel):
+    """What the whole app shares: ingress, limits on one request, timeouts, metrics, security."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
     stream_interval_s: float = Field(
         0.02, ge=0, le=1, description="Least time between two stream messages per hop; tokens in between are merged."
     )
@@ -137,23 +200,8 @@ class AppArgs(BaseModel):
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503.")
 
     # Placement
-    num_gpus: float | None = Field(None, ge=0, description="GPUs per replica (default: 1 if the cluster has GPUs, else 0).")
-    num_cpus: float = Field(1, ge=0, description="CPUs reserved per model replica.")
-    router_num_cpus: float = Field(0, ge=0)
     ingress_num_cpus: float = Field(0, ge=0)
-    prefix_aware_routing: bool = Field(
-        True, description="With several model replicas, a request goes to the replica most likely to hold "
-        "its prompt's start in its prefix cache (the router remembers where it sent each prompt), unless "
-        "balance says otherwise (prefix_routing_max_imbalance). Off: always the least loaded replica.",
-    )
-    prefix_routing_max_imbalance: int = Field(
-        4, ge=0, description="Sequences a replica may carry beyond the least loaded one and still be chosen "
-        "for holding a request's prefix; beyond it the least loaded replica is chosen.",
-    )
-    router_replicas: int = Field(
-        1, ge=1, le=64, description="Router replicas; each admits into its share of every model replica's slots.")
     ingress_replicas: int = Field(1, ge=1, le=256, description="Ingress replicas (HTTP, tokenization, SSE).")
-    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
     lease_timeout_s: float = Field(
         60.0, gt=0, description="A router frees the slots of an admitted request whose ingress stopped renewing "
         "its lease for this long (the ingress died); ingresses renew every quarter of it."
@@ -173,6 +221,9 @@ class AppArgs(BaseModel):
     max_stop_chars: int = Field(256, ge=1, le=4096, description="Length of one stop string.")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="Tokens in one prompt (default: max_model_len - 1); longer prompts get 400.")
+    max_embedding_inputs: int = Field(
+        2048, ge=1, description="Inputs in one /v1/embeddings request (OpenAI's limit); each may be at most the "
+        "model's max_model_len tokens unless the request asks for truncation (truncate_prompt_tokens).")
     body_read_timeout_s: float = Field(
         30.0, gt=0, description="Deadline for receiving a request body; a slower client gets 408.")
     max_schema_bytes: int = Field(
@@ -203,21 +254,81 @@ class AppArgs(BaseModel):
         False, description="Honour Ray's per-request control headers (x-request-disconnect-disabled, "
         "x-request-timeout-seconds) from clients; off, such requests get 400.")
 
+
+def deployment_slug(model_name: str) -> str:
+    """The part of a model's deployment names (Router-<slug>) that its served name gives."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-.") or "model"
+
+
+def _default_models() -> list[ModelArgs]:
+    return [ModelArgs(model=DEFAULT_MODEL), ModelArgs(model=DEFAULT_EMBEDDING_MODEL)]
+
+
+class AppArgs(AppWideArgs):
+    """Everything a user configures; every field has a working default.
+
+    `models` lists the served models (default: the built-in chat model and the built-in
+    embedding model). Per-model fields at the top level (`model: X`, `max_batch_size: 8`, ...)
+    mean a single model with those fields, as before there was a list.
+    """
+
+    models: list[ModelArgs] = Field(
+        default_factory=_default_models, min_length=1,
+        description="The served models, each with its own replicas, router, limits and autoscaling.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_single_model(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        top = [name for name in data if name in ModelArgs.model_fields]
+        if not top:
+            return data
+        if "models" in data:
+            raise ValueError(f"per-model fields {', '.join(top)} at the top level of args cannot be combined "
+                             "with `models:`; move them into the entries of `models`")
+        rest = {k: v for k, v in data.items() if k not in ModelArgs.model_fields}
+        return {**rest, "models": [{k: data[k] for k in top}]}
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AppArgs":
+        names = [m.model_name for m in self.models]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"served model names must be unique; {', '.join(repeated)} appears more than once "
+                             "(set served_model_name)")
+        return self
+
     @property
-    def model_name(self) -> str:
-        return self.served_model_name or self.model
+    def model_names(self) -> list[str]:
+        return [m.model_name for m in self.models]
 
-    def step_token_budget(self, device_type: str) -> int:
-        """max_num_batched_tokens, or its default for this device (CPU steps must stay short)."""
-        default = 2048 if device_type == "cuda" else 256
-        return max(self.max_num_batched_tokens or default, self.max_batch_size)
+    def serving_args(self) -> list[ModelServingArgs]:
+        """Each model's fields with the app-wide ones, and unique deployment names."""
+        taken: set[str] = set()
+        out = []
+        for m in self.models:
+            slug = base = deployment_slug(m.model_name)
+            n = 1
+            while slug.lower() in taken:
+                n += 1
+                slug = f"{base}-{n}"
+            taken.add(slug.lower())
+            out.append(ModelServingArgs(**self.model_dump(exclude={"models"}), **m.model_dump(), slug=slug))
+        return out
 
-    def cpu_threads(self, node_cores: int) -> int:
-        """torch threads of a CPU replica: torch_threads, or the cores shared by as many replicas as
-        autoscaling may place. Why not all cores each: 3 replicas x 2 spinning OpenMP threads on 2
-        cores stalled a 1,900-token request past a 60 s grace period; 1 thread each served it."""
-        return self.torch_threads or max(1, node_cores // self.autoscaling.max_replicas)
 
-    def kv_tokens(self, max_model_len: int) -> int:
-        """kv_cache_tokens, or its default for this context length."""
-        return self.kv_cache_tokens or max(max_model_len, self.max_batch_size * 1024)
+class ModelServingArgs(ModelArgs, AppWideArgs):
+    """What one model's Router and replicas (and the ingress, per model) work from: the model's
+    fields, the app-wide ones, and the names of its deployments."""
+
+    slug: str = Field("model", description="Makes this model's deployment names unique within the app.")
+
+    @property
+    def router_deployment(self) -> str:
+        return f"Router-{self.slug}"
+
+    @property
+    def replica_deployment(self) -> str:
+        prefix = "EmbeddingReplica" if self.task == "embed" else "ModelReplica"
+        return f"{prefix}-{self.slug}"

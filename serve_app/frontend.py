@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from serve_app.config import AppArgs
+from serve_app.config import ModelServingArgs
 from serve_app.engine.grammar_spec import DEAD_END, GrammarSpec
 from serve_app.engine.types import GenerationRequest, SamplingParams, SequenceOutput
 from serve_app.protocol import (
@@ -98,7 +98,9 @@ class Prepared:
 
 
 class OpenAIFrontend:
-    def __init__(self, args: AppArgs, tokenizer, max_model_len: int, backend: Backend):
+    """Completions, chat and /generate for one generation model."""
+
+    def __init__(self, args: ModelServingArgs, tokenizer, max_model_len: int, backend: Backend):
         self.args = args
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -107,11 +109,18 @@ class OpenAIFrontend:
         self._grammars = None  # GrammarCompiler, made at the first constrained request
         self._template_tools: bool | None = None
 
-    # ------------------------------------------------------------ preparing
+    @property
+    def model_name(self) -> str:
+        return self.args.model_name
+
+    def card(self, created: int) -> ModelCard:
+        return ModelCard(id=self.args.model_name, created=created, max_model_len=self.max_model_len,
+                         task="generate")
 
     def models(self) -> dict:
-        card = ModelCard(id=self.args.model_name, created=self.created, max_model_len=self.max_model_len)
-        return ModelList(data=[card]).model_dump()
+        return ModelList(data=[self.card(self.created)]).model_dump(exclude_none=True)
+
+    # ------------------------------------------------------------ preparing
 
     def prepare_completion(self, body: Any, tenant: str = "") -> Prepared:
         """`tenant`: who is asking, when tenants must not share cached prompts (see cache_salt_of)."""
@@ -432,6 +441,54 @@ class OpenAIFrontend:
                     yield chunk(ChatDelta(), index, finish=finish)
         if _include_usage(prepared.body) and finals:
             yield chunk(ChatDelta(), usage=total_usage(list(finals.values())), choices=False)
+
+
+class ServedModels:
+    """The app's models by served name: which frontend answers a request's `model`.
+
+    `frontends` maps each served name to its frontend (an `OpenAIFrontend` for a generation
+    model, an `EmbeddingFrontend` for an embedding model), in the configured order.
+    """
+
+    def __init__(self, frontends: dict[str, Any], tasks: dict[str, str]):
+        self.frontends = frontends
+        self.tasks = tasks
+        self.created = now()
+
+    def models(self) -> dict:
+        """`/v1/models`: every served model, with its context and (embedding models) dimensions."""
+        return ModelList(data=[f.card(self.created) for f in self.frontends.values()]).model_dump(exclude_none=True)
+
+    def first(self, task: str):
+        """The first configured model of this task (the one `/generate` serves), or None."""
+        return next((self.frontends[n] for n, t in self.tasks.items() if t == task), None)
+
+    def for_body(self, body: Any, task: str):
+        """The frontend for this request body's `model`, which must be served and do `task`:
+        404 naming the served models, or 400 naming `model`."""
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_body")
+        if "model" not in body:
+            raise APIError(400, "'model' is a required property", param="model", code="missing_field")
+        name = body["model"]
+        if not isinstance(name, str):
+            raise APIError(400, "Invalid value for 'model': Input should be a valid string", param="model",
+                           code="invalid_value")
+        check_text(name, "model")
+        frontend = self.frontends.get(name)
+        if frontend is None:
+            served = ", ".join(f"'{n}'" for n in self.frontends)
+            raise APIError(404, f"The model '{name}' does not exist; this server serves {served}", param="model",
+                           code="model_not_found")
+        if self.tasks[name] != task:
+            if task == "embed":
+                message = f"model '{name}' generates text and cannot embed; embedding models here: "
+            else:
+                message = f"model '{name}' is an embedding model (use /v1/embeddings); generation models here: "
+            others = [n for n, t in self.tasks.items() if t == task]
+            raise APIError(400, message + (", ".join(f"'{n}'" for n in others) or "none"), param="model",
+                           code="model_not_supported")
+        return frontend
 
 
 def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:

@@ -299,6 +299,31 @@ class ChatCompletionRequest(_GenerationFields):
         return self.max_completion_tokens or self.max_tokens
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request, with vLLM's `truncate_prompt_tokens` and `add_special_tokens`.
+
+    `input` is checked by the embeddings frontend (its four shapes, each error naming the
+    exact item), not here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: Any
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="Shorter vectors, for Matryoshka-trained models.")
+    user: str | None = None
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="Extension (vLLM): keep the first k tokens of each input; -1 = the model's limit.")
+    add_special_tokens: bool = Field(True, description="Extension (vLLM): the tokenizer's special tokens on texts.")
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _not_zero(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("truncate_prompt_tokens must be at least 1, or -1 for the model's limit")
+        return v
+
+
 class GenerateRequest(BaseModel):
     """The original design's simple API: `{"prompt", "max_length"}`."""
 
@@ -426,8 +451,30 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "serve_app"
     max_model_len: int | None = None
+    task: Literal["generate", "embed"] | None = None
+    dimensions: int | None = Field(None, description="An embedding model's vector length.")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32, as OpenAI encodes it
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage

@@ -8,12 +8,26 @@ import time
 
 import pytest
 
-from serve_app.config import AppArgs
+from serve_app.config import ModelServingArgs, deployment_slug
 
 TINY = "builtin:tiny-llama"
+MINILM = "builtin:all-minilm-l6-v2"
 # The app most integration tests talk to: small batches, a short batching window.
 APP_ARGS = dict(model=TINY, num_cpus=0, num_gpus=0, max_batch_size=8, batch_wait_timeout_s=0.05,
                 max_queue_len=64, max_body_bytes=64_000)
+
+
+def deployment(part: str, model: str = TINY) -> str:
+    """The Serve deployment name of a model's Router or replicas: deployment("Router") = "Router-builtin-tiny-llama"."""
+    return f"{part}-{deployment_slug(model)}"
+
+
+def model_stats(base: str, model: str = TINY, replicas: bool = False, **kw) -> dict:
+    """One model's part of `/stats` (its "router" counters, with "replica_info" when `replicas`)."""
+    import requests
+
+    r = requests.get(f"{base}/stats{'?replicas=1' if replicas else ''}", timeout=kw.pop("timeout", 30), **kw)
+    return r.json()["models"][model]
 
 
 def wait_for(predicate, timeout: float, what: str, timeline: list | None = None, sample=None):
@@ -60,14 +74,14 @@ def random_llama(tokenizer, initializer_range: float):
 
 
 def engine_factory(model, tokenizer):
-    """make(max_model_len=2048, **AppArgs fields) -> a BatchEngine on this model, configured as the
+    """make(max_model_len=2048, **ModelServingArgs fields) -> a BatchEngine on this model, configured as the
     app would be with those settings (the engine's defaults are the app's: see factory.engine_config)."""
     from serve_app.engine.batch_engine import BatchEngine
     from serve_app.engine.factory import engine_config
     from serve_app.engine.loading import eos_token_ids
 
     def make(max_model_len: int = 2048, **app_args) -> BatchEngine:
-        config = engine_config(AppArgs(**{"max_batch_size": 8, **app_args}), "cpu", max_model_len)
+        config = engine_config(ModelServingArgs(**{"max_batch_size": 8, **app_args}), "cpu", max_model_len)
         return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), config)
 
     return make

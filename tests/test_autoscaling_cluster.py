@@ -9,14 +9,14 @@ import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY, wait_for
+from tests.conftest import APP_ARGS, TINY, deployment, model_stats, wait_for
 
 SCALING = {"min_replicas": 1, "max_replicas": 3, "target_sequences_per_replica": 2, "upscale_delay_s": 0.5,
            "downscale_delay_s": 3, "metrics_interval_s": 0.25, "look_back_period_s": 1.0}
 
 
 def running_replicas(app: str) -> int:
-    status = serve.status().applications[app].deployments["ModelReplica"]
+    status = serve.status().applications[app].deployments[deployment("ModelReplica")]
     return status.replica_states.get("RUNNING", 0)
 
 
@@ -73,7 +73,7 @@ def test_scale_up_under_load_and_down_after_with_nothing_lost(scaling_app):
             n += 1
 
     def sample():
-        stats = requests.get(f"{scaling_app}/stats", timeout=10).json()["router"]
+        stats = model_stats(scaling_app, timeout=10)["router"]
         return running_replicas("scale"), stats["queue_length"], stats["in_flight_sequences"]
 
     timeline: list = []
@@ -131,7 +131,7 @@ def test_gpu_pinning_with_logical_gpus(ray_cluster):
     args = {**APP_ARGS, "num_gpus": 1, "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
     serve.run(build_app(args), name="gpu", route_prefix="/gpu")
     try:
-        infos = requests.get(f"{ray_cluster}/gpu/stats?replicas=1", timeout=30).json()["router"]["replica_info"]
+        infos = model_stats(f"{ray_cluster}/gpu", replicas=True)["router"]["replica_info"]
         assert len(infos) == 2
         gpu_ids = [tuple(i["gpu_ids"]) for i in infos]
         assert all(len(ids) == 1 for ids in gpu_ids) and len(set(gpu_ids)) == 2, gpu_ids

@@ -7,7 +7,7 @@ import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY
+from tests.conftest import APP_ARGS, TINY, model_stats
 
 BURST = 40
 KEY = "sk-test"
@@ -48,7 +48,7 @@ def test_burst_gets_answers_or_429_with_retry_after(small_server):
     for status, _, text in ok:
         assert "[DONE]" in text or '"finish_reason":"length"' in text.replace(" ", "")
         assert '"error"' not in text  # a rejection is an HTTP 429, never an error inside a 200 stream
-    stats = requests.get(f"{small_server}/stats", headers=AUTH, timeout=10).json()["router"]
+    stats = model_stats(small_server, headers=AUTH, timeout=10)["router"]
     assert stats["rejected"] == len(rejected)
     assert stats["queue_length"] == 0 and stats["in_flight_sequences"] == 0
 

@@ -13,7 +13,7 @@ import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY, wait_for
+from tests.conftest import APP_ARGS, TINY, deployment, model_stats, wait_for
 
 WORKERS = 6
 RECOVERY_S = 60  # the app serves normally again within this long after each kill
@@ -94,13 +94,13 @@ def test_killing_each_part_under_load_loses_no_request(chaos_app):
         t.start()
     time.sleep(3)
     recovery = {}
-    for deployment in ("ModelReplica", "Router", "Ingress"):
-        phase[0] = f"killed {deployment}"
-        kill_one("chaos", deployment)
-        if deployment != "Ingress":  # /stats answers in JSON while a part is down
+    for part in ("ModelReplica", "Router", "Ingress"):
+        phase[0] = f"killed {part}"
+        kill_one("chaos", deployment(part) if part != "Ingress" else part)
+        if part != "Ingress":  # /stats answers in JSON while a part is down
             r = requests.get(f"{chaos_app}/stats?replicas=1", timeout=30)
-            assert r.status_code == 200 and "unreachable" in r.json(), r.text
-        recovery[deployment] = wait_until_serving(chaos_app)
+            assert r.status_code == 200 and "unreachable" in r.json()["models"][TINY], r.text
+        recovery[part] = wait_until_serving(chaos_app)
         time.sleep(2)
     phase[0] = "after"
     time.sleep(3)
@@ -114,7 +114,7 @@ def test_killing_each_part_under_load_loses_no_request(chaos_app):
     assert hung == 0, report
     # Nothing orphaned in the engines: rows of requests whose caller died are finished or cancelled.
     def engine_rows() -> dict[str, int]:
-        replicas = requests.get(f"{chaos_app}/stats?replicas=1", timeout=30).json()["router"]["replica_info"]
+        replicas = model_stats(chaos_app, replicas=True)["router"]["replica_info"]
         return {r["replica_id"]: r["in_flight_sequences"] for r in replicas}
 
     wait_for(lambda: not any(engine_rows().values()), 30, "empty engines", [], lambda: (engine_rows(),))
@@ -122,7 +122,7 @@ def test_killing_each_part_under_load_loses_no_request(chaos_app):
     # answering expire once it stops renewing them (lease_timeout_s 5 s here); every other
     # lease was released or kept alive by its ingress, never reclaimed.
     def routers() -> dict:
-        return requests.get(f"{chaos_app}/stats", timeout=30).json()["router"]
+        return model_stats(chaos_app)["router"]
 
     wait_for(lambda: routers()["in_flight_sequences"] == 0, 30, "routers holding nothing", [],
              lambda: (routers()["in_flight_sequences"],))
@@ -147,9 +147,9 @@ def test_a_dead_model_replica_leaves_the_routers_choices_within_seconds(chaos_ap
     default); until then a router may still place requests on it (the ingress then falls back
     to a live replica). With Serve's 10 s default the routers kept it for 5-10 s."""
     def running() -> int:  # the most any router sees
-        return requests.get(f"{chaos_app}/stats", timeout=30).json()["router"]["replicas"]
+        return model_stats(chaos_app)["router"]["replicas"]
 
     wait_for(lambda: running() == 2, RECOVERY_S, "the earlier test's replacement replicas")
-    kill_one("chaos", "ModelReplica")
+    kill_one("chaos", deployment("ModelReplica"))
     assert wait_for(lambda: running() < 2, 6, "the routers to drop the killed replica") < 6
     wait_until_serving(chaos_app)

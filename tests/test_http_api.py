@@ -4,7 +4,7 @@ import concurrent.futures as cf
 
 import requests
 
-from tests.conftest import TINY
+from tests.conftest import TINY, model_stats
 
 
 def chat(server, content, **kw):
@@ -67,10 +67,10 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
                           json={"model": TINY, "prompt": p, "max_tokens": 16, "temperature": 0, "ignore_eos": True})
         return r.json()["choices"][0]["text"]
     expected = [complete(p) for p in prompts]  # one at a time
-    before = requests.get(f"{server}/stats", timeout=10).json()["router"]["batch_size_histogram"]
+    before = model_stats(server)["router"]["batch_size_histogram"]
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
         got = list(pool.map(complete, prompts))
-    after = requests.get(f"{server}/stats", timeout=10).json()["router"]["batch_size_histogram"]
+    after = model_stats(server)["router"]["batch_size_histogram"]
     assert got == expected
     new_batches = {int(k): v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
     assert max(new_batches) > 1, f"no batch larger than 1 was formed: {new_batches}"

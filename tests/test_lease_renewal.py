@@ -46,11 +46,10 @@ def test_a_request_that_outlives_the_lease_timeout_keeps_its_lease(ray_cluster):
     import time
 
     import httpx
-    import requests
     from ray import serve
 
     from serve_app.app import build_app
-    from tests.conftest import APP_ARGS, TINY
+    from tests.conftest import APP_ARGS, TINY, model_stats
 
     serve.run(build_app({**APP_ARGS, "lease_timeout_s": 0.5}), name="leases", route_prefix="/leases")
     base = f"{ray_cluster}/leases"
@@ -63,7 +62,7 @@ def test_a_request_that_outlives_the_lease_timeout_keeps_its_lease(ray_cluster):
         took = time.monotonic() - started
         assert lines[-1] == "data: [DONE]"
         assert took > 3 * 0.5, f"the stream took {took:.1f} s: too short to need renewing"
-        router = requests.get(f"{base}/stats", timeout=30).json()["router"]
+        router = model_stats(base)["router"]
         assert router["expired_leases"] == 0 and router["in_flight_sequences"] == 0, router
     finally:
         serve.delete("leases")

@@ -25,13 +25,14 @@ def cold_app(ray_cluster):
 def test_health_is_503_until_a_model_replica_runs_and_live_is_200_throughout(cold_app):
     r = requests.get(f"{cold_app}/health", timeout=10)
     assert r.status_code == 503 and r.headers["Retry-After"] and r.json()["error"]["code"] == "not_ready"
+    assert TINY in r.json()["error"]["message"]  # names the model that has no replica yet
     assert requests.get(f"{cold_app}/live", timeout=10).status_code == 200
     # A request scales the model from zero; it waits for the replica and is answered.
     reply = requests.post(f"{cold_app}/v1/completions", json={"model": TINY, "prompt": "hi", "max_tokens": 2},
                           timeout=120)
     assert reply.status_code == 200, reply.text
     wait_for(lambda: requests.get(f"{cold_app}/health", timeout=10).status_code == 200, 10, "readiness")
-    assert requests.get(f"{cold_app}/health", timeout=10).json()["ready_replicas"] == 1
+    assert requests.get(f"{cold_app}/health", timeout=10).json()["ready_replicas"] == {TINY: 1}
 
 
 def test_a_redeploy_lets_running_streams_finish(ray_cluster):

@@ -106,7 +106,7 @@ def test_a_request_id_comes_back_and_is_in_every_log_of_the_graph(ops_app):
 
     def parts_that_logged_it() -> set[str]:
         return {part for part in ("Ingress", "Router", "ModelReplica")
-                for f in glob.glob(f"{logs}/replica_ops_{part}_*.log") if rid in open(f).read()}
+                for f in glob.glob(f"{logs}/replica_ops_{part}*.log") if rid in open(f).read()}
 
     wait_for(lambda: parts_that_logged_it() == {"Ingress", "Router", "ModelReplica"}, 10,
              "the request id in every part's log", [], lambda: (parts_that_logged_it(),))

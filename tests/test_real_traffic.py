@@ -11,7 +11,7 @@ import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY, wait_for
+from tests.conftest import APP_ARGS, TINY, deployment, model_stats, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +44,17 @@ def test_closed_loop_clients_get_their_exact_solo_answers_through_two_routers(sc
     for prompt, _, text in answers:
         if prompt in solo:
             assert text == solo[prompt]
-    stats = requests.get(f"{scaled_out}/stats", timeout=10).json()["router"]
+    stats = model_stats(scaled_out, timeout=10)["router"]
     assert stats["routers"] == 2 and stats["admitted"] >= 30 and stats["queue_length"] == 0
 
     def router_stats() -> dict:
-        return requests.get(f"{scaled_out}/stats", timeout=10).json()["router"]
+        return model_stats(scaled_out, timeout=10)["router"]
 
     # Releases are fire-and-forget: give the last ones a moment.
     wait_for(lambda: router_stats()["in_flight_sequences"] == 0, 5, "every lease released")
     assert router_stats()["expired_leases"] == 0  # every lease came home, none expired
     # Both routers admitted work (Serve spreads the ingresses' calls over them).
-    routers = serve.get_deployment_handle("Router", "scaled").broadcast("stats").results()
+    routers = serve.get_deployment_handle(deployment("Router"), "scaled").broadcast("stats").results()
     assert all(r["admitted"] > 0 for r in routers), routers
 
 

@@ -8,11 +8,10 @@ import time
 import httpx
 import psutil
 import pytest
-import requests
 from ray import serve
 
 from serve_app.app import build_app
-from tests.conftest import APP_ARGS, TINY, wait_for
+from tests.conftest import APP_ARGS, TINY, model_stats, wait_for
 
 REQUESTS = 2000
 WORKERS = 16
@@ -96,8 +95,8 @@ def test_thousands_of_mixed_requests_leave_nothing_behind(soak_app):
 
 
     def held() -> tuple:
-        stats = requests.get(f"{soak_app}/stats?replicas=1", timeout=30).json()
-        router, replica = stats["router"], stats["router"]["replica_info"][0]
+        router = model_stats(soak_app, replicas=True)["router"]
+        replica = router["replica_info"][0]
         return (router["in_flight_sequences"], router["queued_requests"], replica["in_flight_sequences"],
                 replica["kv_cache_free_blocks"] - replica["kv_cache_blocks"], router["expired_leases"])
 

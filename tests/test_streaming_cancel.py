@@ -9,18 +9,18 @@ import pytest
 import requests
 from ray import serve
 
-from tests.conftest import TINY
+from tests.conftest import TINY, model_stats
 
 LONG = 1900  # tokens: several seconds of decoding on the tiny model
 
 
 def router_stats(server):
-    return requests.get(f"{server}/stats", timeout=10).json()["router"]
+    return model_stats(server, timeout=10)["router"]
 
 
 def engine_stats(server) -> dict:
     """Summed over model replicas: sequences their engines hold, and how many were cancelled."""
-    infos = requests.get(f"{server}/stats?replicas=1", timeout=10).json()["router"]["replica_info"]
+    infos = model_stats(server, replicas=True, timeout=10)["router"]["replica_info"]
     return {"in_flight": sum(i["in_flight_sequences"] for i in infos),
             "cancelled": sum(i["cancelled_sequences"] for i in infos)}
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
-from serve_app.config import AppArgs
+from serve_app.config import ModelServingArgs
 from serve_app.engine.builtin_models import resolve_model_path
 from serve_app.engine.grammar import GrammarCompiler
 from serve_app.engine.grammar_spec import DEAD_END, GrammarSpec
@@ -109,7 +109,7 @@ class ModelLikeBackend:
 
 
 def make_frontend(tokenizer, script="Hello there.", piece: int = 3, **args) -> OpenAIFrontend:
-    return OpenAIFrontend(AppArgs(model=TINY, **args), tokenizer, 2048, ModelLikeBackend(tokenizer, script, piece))
+    return OpenAIFrontend(ModelServingArgs(model=TINY, **args), tokenizer, 2048, ModelLikeBackend(tokenizer, script, piece))
 
 
 def http_client(frontend: OpenAIFrontend) -> openai.OpenAI:

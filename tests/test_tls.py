@@ -52,7 +52,7 @@ def https_server(tmp_path_factory):
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     port = free_port()
     config["http_options"].update(port=port, ssl_keyfile=str(certs["key"]), ssl_certfile=str(certs["cert"]))
-    config["applications"][0]["args"].update(model=TINY, num_cpus=0)
+    config["applications"][0]["args"]["models"] = [{"model": TINY, "num_cpus": 0}]
     base = f"https://127.0.0.1:{port}"
     with serve_run(config, workdir, base, verify=str(certs["ca"])):
         yield base, certs["ca"]

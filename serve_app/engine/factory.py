@@ -12,7 +12,7 @@ import logging
 import torch
 from transformers import AutoConfig
 
-from serve_app.config import AppArgs
+from serve_app.config import ModelServingArgs
 from serve_app.engine.async_engine import AsyncEngine
 from serve_app.engine.batch_engine import BatchEngine
 from serve_app.engine.builtin_models import resolve_model_path
@@ -23,13 +23,13 @@ from serve_app.engine.precision import choose_dtype
 logger = logging.getLogger(__name__)
 
 
-def max_model_len_for(args: AppArgs, model_config, tokenizer) -> int:
+def max_model_len_for(args: ModelServingArgs, model_config, tokenizer) -> int:
     """The context a request may use: the model's (or the override), within the KV cache."""
     length = context_length(model_config, tokenizer, args.max_model_len)
     return min(length, args.kv_cache_tokens) if args.kv_cache_tokens else length
 
 
-def engine_config(args: AppArgs, device_type: str, max_model_len: int) -> EngineConfig:
+def engine_config(args: ModelServingArgs, device_type: str, max_model_len: int) -> EngineConfig:
     """The engine's settings from the app's (the only place they are translated)."""
     return EngineConfig(
         max_num_seqs=args.max_batch_size,
@@ -46,7 +46,7 @@ def engine_config(args: AppArgs, device_type: str, max_model_len: int) -> Engine
     )
 
 
-def build_engine(args: AppArgs, device: torch.device) -> AsyncEngine:
+def build_engine(args: ModelServingArgs, device: torch.device) -> AsyncEngine:
     """Start an engine thread that loads the model on `device` (see AsyncEngine: the
     thread that steps the model must be the one that loaded it)."""
     def build() -> BatchEngine:
@@ -62,7 +62,7 @@ def build_engine(args: AppArgs, device: torch.device) -> AsyncEngine:
     return AsyncEngine(build, stream_interval_s=args.stream_interval_s)
 
 
-def serving_limits(args: AppArgs):
+def serving_limits(args: ModelServingArgs):
     """(tokenizer, max_model_len) without loading the weights: what the ingress validates against."""
     tokenizer = load_tokenizer(args.model)
     model_config = AutoConfig.from_pretrained(resolve_model_path(args.model))
