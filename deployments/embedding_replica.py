@@ -16,7 +16,7 @@ import ray
 import torch
 from ray import serve
 
-from deployments import metrics, quiet_logs
+from deployments.process import start_process
 from deployments.metrics import embedding_replica_metrics
 from serve_app.autoscaling import IN_FLIGHT, ROUTER_QUEUE
 from serve_app.config import ModelServingArgs
@@ -30,10 +30,8 @@ logger = logging.getLogger("ray.serve")
 
 @serve.deployment(name="EmbeddingReplica")
 class EmbeddingReplica:
-    def __init__(self, args: dict):
-        quiet_logs.install()
-        self.args = ModelServingArgs.model_validate(args)
-        metrics.set_enabled(self.args.metrics, model_name=self.args.model_name)
+    def __init__(self, args: ModelServingArgs):
+        self.args = start_process(args, args.model_name)
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.device = select_device(self.args.device)
         if self.args.torch_threads or self.device.type == "cpu":
@@ -51,13 +49,16 @@ class EmbeddingReplica:
                     self.engine.spec.pooling, ", normalized" if self.engine.spec.normalize else "",
                     self.engine.token_budget)
 
-    async def embed(self, inputs: list[list[int]], replica_id: str | None = None) -> np.ndarray:
-        """[len(inputs), dimensions] float32. `replica_id` pins the call to this replica (read by
+    async def embed(self, inputs: list[list[int]], pinned_to: str | None = None) -> np.ndarray:
+        """[len(inputs), dimensions] float32. `pinned_to` pins the call to this replica (read by
         the caller's request router)."""
         try:
             return await self.engine.embed(inputs)
         except (RuntimeError, ValueError) as e:
             raise APIError(500, str(e), type="server_error", code="embedding_failed") from None
+
+    def wake(self) -> None:
+        """Nothing: see ModelReplica.wake (a Router waiting for a replica calls it)."""
 
     def info(self) -> dict:
         s = self.engine.stats

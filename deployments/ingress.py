@@ -23,17 +23,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from deployments import metrics, quiet_logs
+from deployments.process import start_process
 from deployments.metrics import count_error
-from deployments.router import EmbeddingBackend, RoutedBackend, sum_router_stats
+from deployments.routed_backend import EmbeddingBackend, RoutedBackend
+from deployments.router import sum_router_stats
 from serve_app.config import AppArgs
+from serve_app.deadline import Deadline
 from serve_app.embeddings import EmbeddingFrontend
 from serve_app.engine.embedding import read_spec
 from serve_app.engine.factory import serving_limits
 from serve_app.engine.loading import load_tokenizer
 from serve_app.frontend import OpenAIFrontend, Prepared, ServedModels
 from serve_app.protocol import APIError
-from serve_app.security import check_api_key, check_edge, load_api_keys
+from serve_app.security import allowed_hosts, check_api_key, check_edge, load_api_keys
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,10 +46,8 @@ class Ingress:
     """The API of every model in the app: `model` in a request picks its frontend, which runs it
     through that model's Router and replicas."""
 
-    def __init__(self, routers: dict[str, DeploymentHandle], replicas: dict[str, DeploymentHandle], args: dict):
-        quiet_logs.install()
-        self.args = AppArgs.model_validate(args)
-        metrics.set_enabled(self.args.metrics)
+    def __init__(self, routers: dict[str, DeploymentHandle], replicas: dict[str, DeploymentHandle], args: AppArgs):
+        self.args = start_process(args)
         self.api_keys = load_api_keys(self.args)
         self.routers = routers
         self.replicas = replicas
@@ -100,36 +100,47 @@ class Ingress:
     # ---------------------------------------------------------------- handle API
     # Same semantics as the HTTP routes, for `serve.get_app_handle(...)` callers.
 
+    # Each has the deadline `request_timeout_s`, from the call on, like an HTTP request's.
+
     async def completions(self, body: dict) -> dict:
         frontend = self.served.for_body(body, "generate")
-        return await self._run(frontend.completion(await self.prepare(frontend.prepare_completion, body)))
+        return await Deadline(self.args.request_timeout_s).run(
+            self._answer(frontend.prepare_completion, frontend.completion, body))
 
     async def chat(self, body: dict) -> dict:
         frontend = self.served.for_body(body, "generate")
-        return await self._run(frontend.chat(await self.prepare(frontend.prepare_chat, body)))
+        return await Deadline(self.args.request_timeout_s).run(self._answer(frontend.prepare_chat, frontend.chat, body))
 
     async def completions_stream(self, body: dict) -> AsyncIterator[dict]:
         frontend = self.served.for_body(body, "generate")
-        prepared = await self.prepare(frontend.prepare_completion, body)
-        async with aclosing(frontend.completion_chunks(prepared)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        async for chunk in self._chunks(frontend.prepare_completion, frontend.completion_chunks, body):
+            yield chunk
 
     async def chat_stream(self, body: dict) -> AsyncIterator[dict]:
         frontend = self.served.for_body(body, "generate")
-        prepared = await self.prepare(frontend.prepare_chat, body)
-        async with aclosing(frontend.chat_chunks(prepared)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        async for chunk in self._chunks(frontend.prepare_chat, frontend.chat_chunks, body):
+            yield chunk
 
     async def generate(self, body: dict) -> dict:
         frontend = self.generate_frontend()
-        return await self._run(frontend.generate(await self.prepare(frontend.prepare_generate, body)))
+        return await Deadline(self.args.request_timeout_s).run(
+            self._answer(frontend.prepare_generate, frontend.generate, body))
 
     async def embeddings(self, body: dict) -> dict:
         """OpenAI's embeddings: `{"model", "input", ...}` -> `{"data": [{"embedding", "index"}], "usage"}`."""
         frontend = self.served.for_body(body, "embed")
-        return await self._run(frontend.embeddings(await self.prepare(frontend.prepare, body)))
+        return await Deadline(self.args.request_timeout_s).run(
+            self._answer(frontend.prepare, frontend.embeddings, body))
+
+    async def _answer(self, prepare, run, body):
+        return await run(await self.prepare(prepare, body))
+
+    async def _chunks(self, prepare, chunks, body) -> AsyncIterator[dict]:
+        deadline = Deadline(self.args.request_timeout_s)
+        prepared = await deadline.run(self.prepare(prepare, body))
+        async with aclosing(deadline.stream(chunks(prepared))) as stream:
+            async for chunk in stream:
+                yield chunk
 
     def generate_frontend(self) -> OpenAIFrontend:
         """`/generate` has no `model` field: it runs on the first generation model configured."""
@@ -159,14 +170,6 @@ class Ingress:
             return name, stats
 
         return {"models": dict(await asyncio.gather(*(one(name) for name in self.routers)))}
-
-    async def _run(self, work, timeout: float | None = None):
-        timeout = timeout or self.args.request_timeout_s
-        try:
-            return await asyncio.wait_for(work, timeout)
-        except TimeoutError:
-            raise APIError(504, f"the request did not finish within its {timeout:g} s timeout",
-                           type="timeout_error", code="request_timeout") from None
 
 
 # -------------------------------------------------------------------- HTTP
@@ -224,10 +227,11 @@ def build_http_app(ingress: Ingress) -> Starlette:
         request.state.model = frontend.model_name
         return body, frontend
 
-    def timeout_of(request: Request) -> float | None:
+    def deadline_of(request: Request) -> Deadline:
+        """The request's one deadline, from now: request_timeout_s, or X-Request-Timeout if sooner."""
         header = request.headers.get("x-request-timeout")
         if header is None:
-            return args.request_timeout_s
+            return Deadline(args.request_timeout_s)
         try:
             value = float(header)
             if not (math.isfinite(value) and value > 0):
@@ -235,7 +239,7 @@ def build_http_app(ingress: Ingress) -> Starlette:
         except ValueError:
             raise APIError(400, "X-Request-Timeout must be a positive number of seconds",
                            param="X-Request-Timeout") from None
-        return min(value, args.request_timeout_s or value)
+        return Deadline(min(value, args.request_timeout_s or value))
 
     def tenant_of(request: Request) -> str:
         """Who is asking, when tenants must not share cached prompt blocks (a digest of their key)."""
@@ -245,17 +249,18 @@ def build_http_app(ingress: Ingress) -> Starlette:
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
     async def respond(request: Request, kind: str) -> Response:
-        timeout = timeout_of(request)
+        deadline = deadline_of(request)
         body, frontend = await read_request(request, "generate")
         prepare, run, chunks = ((frontend.prepare_completion, frontend.completion, frontend.completion_chunks)
                                 if kind == "completion" else (frontend.prepare_chat, frontend.chat, frontend.chat_chunks))
-        prepared: Prepared = await ingress.prepare(functools.partial(prepare, tenant=tenant_of(request)), body)
+        prepared: Prepared = await deadline.run(
+            ingress.prepare(functools.partial(prepare, tenant=tenant_of(request)), body))
         if not prepared.body.stream:
-            return JSONResponse(await ingress._run(run(prepared), timeout))
-        stream = chunks(prepared)
+            return JSONResponse(await deadline.run(run(prepared)))
+        stream = deadline.stream(chunks(prepared))
         # Start generating before answering, so queue-full and early errors get a real status.
-        first = await ingress._run(anext(stream), timeout)
-        return StreamingResponse(sse(first, stream, timeout, frontend.model_name), media_type="text/event-stream",
+        first = await anext(stream)
+        return StreamingResponse(sse(first, stream, frontend.model_name), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def completions(request: Request) -> Response:
@@ -265,17 +270,16 @@ def build_http_app(ingress: Ingress) -> Starlette:
         return await respond(request, "chat")
 
     async def embeddings(request: Request) -> Response:
-        timeout = timeout_of(request)
+        deadline = deadline_of(request)
         body, frontend = await read_request(request, "embed")
-        prepared = await ingress.prepare(frontend.prepare, body)
-        return JSONResponse(await ingress._run(frontend.embeddings(prepared), timeout))
+        return JSONResponse(await deadline.run(ingress._answer(frontend.prepare, frontend.embeddings, body)))
 
     async def generate(request: Request) -> Response:
-        timeout = timeout_of(request)
+        deadline = deadline_of(request)
         frontend = ingress.generate_frontend()
         request.state.model = frontend.model_name
-        prepared = await ingress.prepare(frontend.prepare_generate, await read_json(request))
-        return JSONResponse(await ingress._run(frontend.generate(prepared), timeout))
+        body = await read_json(request)
+        return JSONResponse(await deadline.run(ingress._answer(frontend.prepare_generate, frontend.generate, body)))
 
     async def models(request: Request) -> Response:
         check_auth(request)
@@ -333,7 +337,7 @@ def build_http_app(ingress: Ingress) -> Starlette:
             Route("/live", live, methods=["GET"]),
             Route("/stats", stats, methods=["GET"]),
         ],
-        middleware=[Middleware(EdgeGuard, args=args)],
+        middleware=[Middleware(EdgeGuard, args=args, hosts=allowed_hosts(args, ingress.api_keys))],
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_unexpected},
     )
 
@@ -342,15 +346,16 @@ class EdgeGuard:
     """ASGI middleware: Host allow-list and Ray's control headers, checked for every
     request (unknown routes included) before a route reads anything."""
 
-    def __init__(self, app, args: AppArgs):
+    def __init__(self, app, args: AppArgs, hosts: list[str] | None):
         self.app = app
         self.args = args
+        self.hosts = hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             try:
-                check_edge(headers, self.args)
+                check_edge(headers, self.args, self.hosts)
             except APIError as err:
                 await error_response(err, "")(scope, receive, send)
                 return
@@ -365,18 +370,14 @@ def _is_loopback(request: Request) -> bool:
         return host == "localhost"
 
 
-async def sse(first: dict, rest: AsyncIterator[dict], timeout: float | None, model_name: str = ""
-              ) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's framing; errors after the first byte become an error event."""
+async def sse(first: dict, rest: AsyncIterator[dict], model_name: str = "") -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's framing; an error after the first byte (the deadline's 504
+    included) becomes a final error event."""
     yield f"data: {json.dumps(first)}\n\n"
     try:
-        async with asyncio.timeout(timeout):
-            async for chunk in rest:
-                yield f"data: {json.dumps(chunk)}\n\n"
-    except (TimeoutError, APIError) as e:
-        err = e if isinstance(e, APIError) else APIError(
-            504, f"the request did not finish within its {timeout:g} s timeout", type="timeout_error",
-            code="request_timeout")
+        async for chunk in rest:
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except APIError as err:
         count_error(model_name, err.status, err.code)
         yield f"data: {json.dumps(err.body())}\n\n"
     finally:

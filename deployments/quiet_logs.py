@@ -13,7 +13,7 @@ import logging
 # Handle methods and HTTP routes called on a timer, not by a client's request.
 # `release` too: a cleanup sent outside the request (it carries a fresh id, not the request's).
 ROUTINE_CALLS = frozenset({"queue_length", "ready_replicas", "info", "stats", "abandon", "release"})
-ROUTINE_ROUTES = frozenset({"/health", "/live", "/stats", "/metrics"})
+ROUTINE_ROUTES = frozenset({"/health", "/live", "/stats"})
 
 
 class QuietRoutineCalls(logging.Filter):

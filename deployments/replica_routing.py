@@ -1,7 +1,7 @@
 """How DeploymentHandles pick a replica: the caller may name it.
 
 The Router decides placement (`serve_app.admission`); its answer travels as the
-`replica_id=` keyword of the calls the ingress then makes to the model replica,
+`pinned_to=` keyword of the calls the ingress then makes to the model replica,
 and a lease goes back (`release`) to the Router replica that granted it, the
 same way. Calls without one (the router knew no model replica yet: startup,
 scale from zero) use Serve's power of two choices.
@@ -22,7 +22,7 @@ class PinnedReplicaRequestRouter(PowerOfTwoChoicesRequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        target = pending_request.kwargs.get("replica_id") if pending_request else None
+        target = pending_request.kwargs.get("pinned_to") if pending_request else None
         if target:
             pinned = [r for r in candidate_replicas if r.replica_id.unique_id == target]
             if pinned:

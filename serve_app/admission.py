@@ -39,7 +39,6 @@ from serve_app.protocol import queue_full
 
 logger = logging.getLogger(__name__)
 
-UNPLACED = ""  # the "replica" of requests admitted before any replica is known (startup, scale from zero)
 
 
 @dataclass(eq=False)
@@ -99,6 +98,7 @@ class AdmissionQueue:
         lease_timeout_s: float | None = None,
         affinity_tolerance: int | None = None,
         prefix_index_blocks: int = 4096,
+        wake: Callable[[], None] | None = None,
     ):
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
@@ -110,6 +110,9 @@ class AdmissionQueue:
         # None: no cache-aware placement (the emptiest replica always).
         self.affinity_tolerance = affinity_tolerance
         self.prefixes = PrefixIndex(prefix_index_blocks)
+        # Called while requests wait and no replica is known (startup, scaled to zero): the
+        # router makes a call that waits for a replica, which is what brings one up from zero.
+        self._wake = wake
         self._queue: deque[Ticket] = deque()
         self._leases: dict[int | str, Ticket] = {}
         self._abandoned: dict[int | str, float] = {}  # lease keys abandoned before their admit arrived
@@ -136,7 +139,7 @@ class AdmissionQueue:
         return sum(self.load.values())
 
     async def admit(self, num_sequences: int, key: str | None = None,
-                    prefix: tuple[bytes, ...] = ()) -> tuple[int | str, str | None]:
+                    prefix: tuple[bytes, ...] = ()) -> tuple[int | str, str]:
         """Wait for a place; return (lease id, replica id). The caller must `release` the lease.
         `key`: the caller's own lease id, so it can `abandon` a grant it never received.
         `prefix`: the block hashes of its prompt, for cache-aware placement."""
@@ -161,7 +164,7 @@ class AdmissionQueue:
             else:
                 self.release(ticket.lease_id)  # admitted just as the caller left (no-op if not)
             raise
-        return ticket.lease_id, ticket.replica_id or None
+        return ticket.lease_id, ticket.replica_id
 
     def abandon(self, key: str) -> None:
         """The caller left around the time of its admission: free whatever it holds or waits for."""
@@ -212,17 +215,20 @@ class AdmissionQueue:
             "rejected": self.rejected,
             "cancelled": self.cancelled,
             "expired_leases": self.expired,
-            "load_by_replica": {k or "unplaced": v for k, v in self.load.items()},
+            "load_by_replica": dict(self.load),
             "placed_by_cache_affinity": self.placed_by_affinity,
         }
 
     # ------------------------------------------------------------ internals
 
-    def _place(self, ticket: Ticket | None) -> tuple[str, int]:
+    def _place(self, ticket: Ticket | None) -> tuple[str | None, int]:
         """Where a ticket should go, and how many slots are free there: the replica most likely
         to hold the longest part of its prompt's prefix, unless that one is loaded beyond the
-        least loaded by more than the tolerance (balance wins); else the least loaded."""
-        replicas = list(self._replicas() or [UNPLACED])
+        least loaded by more than the tolerance (balance wins); else the least loaded.
+        (None, 0) while no replica is known."""
+        replicas = list(self._replicas())
+        if not replicas:
+            return None, 0
         load = self.load.get
         emptiest = min(replicas, key=lambda r: load(r, 0))
         choice = emptiest
@@ -255,7 +261,9 @@ class AdmissionQueue:
         while True:
             self._expire_leases()
             replica, free = self._place(self._queue[0] if self._queue else None)
-            if not self._queue or free < min(self._queue[0].size, self.slots_per_replica):
+            if self._queue and replica is None and self._wake is not None:
+                self._wake()
+            if not self._queue or replica is None or free < min(self._queue[0].size, self.slots_per_replica):
                 # Also wake up now and then: replicas appear, leases expire.
                 await self._wait_for_change(1.0)
                 continue
@@ -270,7 +278,7 @@ class AdmissionQueue:
     def _admit_round(self, replica: str, free: int) -> None:
         """Admit queued tickets, in order, into this replica's free slots (at least the first)."""
         admitted = 0
-        emptiest = min(self._replicas() or [UNPLACED], key=lambda r: self.load.get(r, 0))
+        emptiest = min(self._replicas(), key=lambda r: self.load.get(r, 0))
         while self._queue and (admitted == 0 or admitted + self._queue[0].size <= min(free, self.max_batch_size)):
             if admitted and self._queue[0].prefix and self._place(self._queue[0])[0] != replica:
                 break  # its prefix is elsewhere: it starts a round of its own

@@ -45,7 +45,6 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
     routers, replicas = {}, {}
     for model in args.serving_args():
         num_gpus = model.num_gpus if model.num_gpus is not None else default_num_gpus()
-        plain = model.model_dump()
         # Batches are bounded by the router; Serve's per-replica cap must not add a second queue.
         max_ongoing = 4 * model.max_queue_len + 64
         replica_class = EmbeddingReplica if model.task == "embed" else ModelReplica
@@ -57,7 +56,7 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
             max_ongoing_requests=max_ongoing,
             request_router_config=RequestRouterConfig(request_router_class=ModelReplicaRequestRouter),
             health_check_period_s=model.health_check_period_s,
-        ).bind(plain)
+        ).bind(model)
         routers[model.model_name] = Router.options(
             name=model.router_deployment,
             ray_actor_options={"num_cpus": model.router_num_cpus},
@@ -67,7 +66,7 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
             health_check_period_s=model.health_check_period_s,
             # A lease goes back to the Router replica that granted it.
             request_router_config=RequestRouterConfig(request_router_class=PinnedReplicaRequestRouter),
-        ).bind(replica, plain)
+        ).bind(replica, model)
         replicas[model.model_name] = replica
     return Ingress.options(
         ray_actor_options={"num_cpus": args.ingress_num_cpus},
@@ -76,4 +75,4 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
         max_ongoing_requests=sum(4 * m.max_queue_len + 64 for m in args.models),
         health_check_period_s=args.health_check_period_s,
-    ).bind(routers, replicas, args.model_dump())
+    ).bind(routers, replicas, args)

@@ -168,7 +168,7 @@ def cmd_status(client: Client, args) -> None:
             for r in router.get("replica_info", []):
                 kv = 1 - r["kv_cache_free_blocks"] / max(1, r["kv_cache_blocks"])
                 rows.append((r["replica_id"], r["device"], ",".join(r["gpu_ids"]) or "-",
-                             str(r["running_sequences"]), str(r["in_flight_sequences"] - r["running_sequences"]),
+                             str(r["running_sequences"]), str(r["engine_sequences"] - r["running_sequences"]),
                              f"{kv:.0%}", f"{r['engine_step_ms_mean']:.0f}", str(r["engine_steps"])))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:

@@ -244,8 +244,9 @@ class AppWideArgs(BaseModel):
         "SERVE_APP_API_KEYS environment variable (comma-separated) and `api_key_file`; any of them enables auth.")
     api_key_file: str | None = Field(None, description="A file with one accepted API key per line.")
     allowed_hosts: list[str] | None = Field(
-        None, description="Host header values served (e.g. ['api.example.com', 'localhost']); others get 400. "
-        "A leading '*.' matches subdomains. Default: any host.")
+        None, description="Host header values served, others get 400 ('*.' matches subdomains, '<ip>' any IP "
+        "address, '*' any host). Default: with API keys any host; without, localhost, this machine's names and "
+        "IP addresses (DNS rebinding).")
     prefix_cache_salt_by_api_key: bool = Field(
         False, description="Requests made with different API keys never share cached KV blocks (a cache "
         "hit is visible in the time to first token; this keeps tenants from learning each other's prompts).",

@@ -360,13 +360,15 @@ class Usage(BaseModel):
                    prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
-FinishReason = Literal["stop", "length", "tool_calls", "cancelled"] | None
+# What a choice reports (OpenAI's values); the engine's own FinishReason adds "error", which a
+# client never sees as a finish reason (it becomes an error response or event).
+ChoiceFinishReason = Literal["stop", "length", "tool_calls", "cancelled"] | None
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    finish_reason: FinishReason
+    finish_reason: ChoiceFinishReason
     logprobs: dict | None = None
 
 
@@ -395,7 +397,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: FinishReason
+    finish_reason: ChoiceFinishReason
     logprobs: dict | None = None
 
 
@@ -432,7 +434,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    finish_reason: FinishReason = None
+    finish_reason: ChoiceFinishReason = None
     logprobs: dict | None = None
 
 

@@ -6,7 +6,9 @@ Plain functions; the ingress applies them to every request before reading its bo
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -49,8 +51,36 @@ def check_api_key(authorization: str | None, keys: list[str]) -> None:
                        type="authentication_error", code="invalid_api_key")
 
 
+LOCAL_HOSTS = ("localhost", "*.localhost")
+
+
+def default_allowed_hosts() -> list[str]:
+    """Who a keyless server answers by default: its loopback and own names, and any IP address.
+    A web page can reach a local server through DNS rebinding, but only under a name of its own
+    domain, never an IP literal or this machine's name."""
+    names = {socket.gethostname(), socket.getfqdn()}
+    return [*LOCAL_HOSTS, *sorted(n.lower() for n in names if n), "<ip>"]
+
+
+def allowed_hosts(args: AppArgs, api_keys: list[str]) -> list[str] | None:
+    """The Host allow-list in force: `allowed_hosts` as configured ("*": any host); unset, any host
+    when API keys are required (a page cannot send them), else `default_allowed_hosts()`."""
+    if args.allowed_hosts is not None:
+        return None if "*" in args.allowed_hosts else args.allowed_hosts
+    return None if api_keys else default_allowed_hosts()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
 def host_allowed(host_header: str | None, allowed: list[str] | None) -> bool:
-    """Whether the Host header names this server (no allow-list: any host)."""
+    """Whether the Host header names this server (no allow-list: any host). In the list, a
+    leading "*." matches subdomains and "<ip>" any IP address."""
     if not allowed:
         return True
     host = (host_header or "").strip().lower()
@@ -58,6 +88,8 @@ def host_allowed(host_header: str | None, allowed: list[str] | None) -> bool:
         host = host[: host.find("]") + 1]
     else:
         host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if "<ip>" in allowed and _is_ip(host):
+        return True
     for pattern in allowed:
         pattern = pattern.lower()
         if pattern == "*" or host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
@@ -65,9 +97,9 @@ def host_allowed(host_header: str | None, allowed: list[str] | None) -> bool:
     return False
 
 
-def check_edge(headers: Mapping[str, str], args: AppArgs) -> None:
-    """What every request must pass before anything else is done with it."""
-    if not host_allowed(headers.get("host"), args.allowed_hosts):
+def check_edge(headers: Mapping[str, str], args: AppArgs, hosts: list[str] | None) -> None:
+    """What every request must pass before anything else is done with it (`hosts`: allowed_hosts())."""
+    if not host_allowed(headers.get("host"), hosts):
         raise APIError(400, "this server does not serve the host named in the Host header",
                        param="Host", code="invalid_host")
     if not args.trust_ray_headers:

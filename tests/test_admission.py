@@ -131,15 +131,17 @@ async def test_renewed_leases_outlive_their_timeout_and_expire_once_renewals_sto
     assert queue.in_flight == 0
 
 
-async def test_before_any_replica_is_known_one_batch_is_admitted_unplaced():
-    queue = make(replicas=(), slots_per_replica=2, batch_wait_timeout_s=0)
-    (l1, r1), (_, r2) = await queue.admit(1), await queue.admit(1)
-    assert r1 is None and r2 is None  # the caller's handle waits for a replica to start
-    third = asyncio.create_task(queue.admit(1))
+async def test_requests_wait_for_a_replica_and_ask_for_one_meanwhile():
+    known: list[str] = []
+    wakes = []
+    queue = make(replicas=known, slots_per_replica=2, batch_wait_timeout_s=0, wake=lambda: wakes.append(1))
+    waiting = asyncio.create_task(queue.admit(1))
     await asyncio.sleep(0.05)
-    assert not third.done()  # one batch at most goes out blind
-    queue.release(l1)
-    assert (await third)[1] is None
+    assert not waiting.done() and wakes  # nothing goes out blind; the router was asked to wake a replica
+    known.append("r1")
+    queue._changed.set()
+    _, replica = await asyncio.wait_for(waiting, 2.0)
+    assert replica == "r1"
 
 
 async def test_a_request_of_many_sequences_counts_each():

@@ -115,7 +115,7 @@ def test_killing_each_part_under_load_loses_no_request(chaos_app):
     # Nothing orphaned in the engines: rows of requests whose caller died are finished or cancelled.
     def engine_rows() -> dict[str, int]:
         replicas = model_stats(chaos_app, replicas=True)["router"]["replica_info"]
-        return {r["replica_id"]: r["in_flight_sequences"] for r in replicas}
+        return {r["replica_id"]: r["engine_sequences"] for r in replicas}
 
     wait_for(lambda: not any(engine_rows().values()), 30, "empty engines", [], lambda: (engine_rows(),))
     # The routers hold nothing either: the leases of the requests the killed ingress was

@@ -406,7 +406,7 @@ class _Handle:
 
 
 def routed(replica_results):
-    from deployments.router import RoutedBackend
+    from deployments.routed_backend import RoutedBackend
 
     router = _Handle(admit=_Method([("router-1", f"lease-{i}", "replica-1") for i in range(3)]), release=_Method([]),
                      renew=_Method([]))
@@ -421,7 +421,7 @@ def test_an_embedding_call_is_admitted_pinned_released_and_retried_once_after_a_
     backend, router, replicas = routed([RayError("replica died"), vectors])
     assert asyncio.run(backend.embed([[1], [2]])) is vectors
     assert [args for args, _ in router.admit.calls][0][0] == 2  # two inputs: two sequences
-    assert all(kw["replica_id"] == "replica-1" for _, kw in replicas.embed.calls) and len(replicas.embed.calls) == 2
+    assert all(kw["pinned_to"] == "replica-1" for _, kw in replicas.embed.calls) and len(replicas.embed.calls) == 2
     assert sorted(args[0] for args, _ in router.release.calls) == ["lease-0", "lease-1"]  # both leases came back
 
 

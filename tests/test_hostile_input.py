@@ -303,3 +303,22 @@ def test_no_key_and_no_prompt_in_any_log(guarded):
             text = open(path, errors="replace").read()
             for secret in (marker, "sk-one", "sk-two", "sk-from-file", "sk-wrong-key-123"):
                 assert secret not in text, (secret, path)
+
+
+@pytest.mark.parametrize("host,ok", [("127.0.0.1:8000", True), ("localhost:8000", True), ("[::1]:8000", True),
+                                     ("10.1.2.3:8000", True), ("app.localhost", True),
+                                     ("attacker.example:8000", False), ("localhost.attacker.example", False)])
+def test_a_keyless_server_answers_only_its_own_names_by_default(host, ok):
+    from serve_app.config import AppArgs
+    from serve_app.security import allowed_hosts
+
+    hosts = allowed_hosts(AppArgs(model=TINY), api_keys=[])
+    assert host_allowed(host, hosts) == ok
+    assert allowed_hosts(AppArgs(model=TINY), api_keys=["k"]) is None  # a page cannot send the key
+    assert allowed_hosts(AppArgs(model=TINY, allowed_hosts=["*"]), api_keys=[]) is None
+
+
+def test_a_keyless_server_refuses_a_foreign_host(server):
+    r = requests.get(f"{server}/v1/models", headers={"Host": "rebound.attacker.example"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+    assert requests.get(f"{server}/v1/models", timeout=10).status_code == 200

@@ -3,7 +3,7 @@ stops when it holds nothing (driven with stand-in handles: no Ray)."""
 
 import asyncio
 
-from deployments.router import RoutedBackend
+from deployments.routed_backend import RoutedBackend
 
 
 class Method:
@@ -30,7 +30,7 @@ async def test_held_leases_are_renewed_with_the_router_that_granted_them_until_r
     await asyncio.sleep(0.25)
     calls = router.renew.calls
     assert len(calls) >= 2 * 2  # two rounds at least, one call per router each
-    by_router = {kwargs["replica_id"]: sorted(args[0]) for args, kwargs in calls[-2:]}
+    by_router = {kwargs["pinned_to"]: sorted(args[0]) for args, kwargs in calls[-2:]}
     assert by_router == {"router-1": ["a", "c"], "router-2": ["b"]}
     backend._held.clear()  # every request ended: the loop stops
     await asyncio.sleep(0.15)

@@ -97,7 +97,7 @@ def test_thousands_of_mixed_requests_leave_nothing_behind(soak_app):
     def held() -> tuple:
         router = model_stats(soak_app, replicas=True)["router"]
         replica = router["replica_info"][0]
-        return (router["in_flight_sequences"], router["queued_requests"], replica["in_flight_sequences"],
+        return (router["in_flight_sequences"], router["queued_requests"], replica["engine_sequences"],
                 replica["kv_cache_free_blocks"] - replica["kv_cache_blocks"], router["expired_leases"])
 
     # Abandoned streams are cancelled at the next engine step; every lease is released by its

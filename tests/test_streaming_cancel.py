@@ -21,7 +21,7 @@ def router_stats(server):
 def engine_stats(server) -> dict:
     """Summed over model replicas: sequences their engines hold, and how many were cancelled."""
     infos = model_stats(server, replicas=True, timeout=10)["router"]["replica_info"]
-    return {"in_flight": sum(i["in_flight_sequences"] for i in infos),
+    return {"in_flight": sum(i["engine_sequences"] for i in infos),
             "cancelled": sum(i["cancelled_sequences"] for i in infos)}
 
 

@@ -79,6 +79,17 @@ class AsyncEngine:
         finally:
             channel.close()
 
+    def stats(self) -> dict:
+        """The engine's counters and what this driver measured of its steps."""
+        return {
+            **self.engine.stats(),
+            "engine_sequences": self.num_sequences,
+            "running_sequences": self.num_running,
+            "engine_steps": self.steps,
+            "engine_step_ms_mean": 1000 * self.step_seconds / max(1, self.steps),
+            "engine_tokens_per_step_mean": self.step_tokens / max(1, self.steps),
+        }
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()

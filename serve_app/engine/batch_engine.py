@@ -96,6 +96,26 @@ class BatchEngine:
     def waiting(self):
         return self.scheduler.waiting
 
+    def stats(self) -> dict:
+        """What the engine has done and holds (read from another thread: plain counters)."""
+        blocks = self.blocks
+        return {
+            "cancelled_sequences": self.num_cancelled,
+            "draft_tokens": self.draft_tokens,
+            "accepted_draft_tokens": self.accepted_draft_tokens,
+            "max_model_len": self.max_model_len,
+            "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype_reason": self.dtype_reason,
+            "runner": self.runner.name,
+            "kv_cache_tokens": blocks.capacity_tokens,
+            "kv_cache_free_blocks": blocks.num_free_blocks,
+            "kv_cache_blocks": blocks.num_blocks,
+            "prefix_cache_blocks": blocks.num_cached_blocks,
+            "prefix_cache_queries": blocks.queries,
+            "prefix_cache_hits": blocks.hits,
+        }
+
     @torch.inference_mode()
     def step(self) -> list[SequenceOutput]:
         """Run one scheduled step; return what changed (new text, finished sequences)."""
