@@ -122,6 +122,8 @@ class ModelReplica:
             "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
             "dtype": str(engine.dtype).removeprefix("torch."),
             "dtype_reason": engine.dtype_reason,
+            "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."),
+            "kv_cache_dtype_reason": engine.kv_dtype_reason,
             "runner": engine.runner.name,
             "kv_cache_tokens": engine.blocks.capacity_tokens,
             "kv_cache_free_blocks": engine.blocks.num_free_blocks,
