@@ -147,8 +147,8 @@ class LlamaRunner:
         return cos[0].float().unsqueeze(1), sin[0].float().unsqueeze(1)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm in float32 (x is float32), as transformers' LlamaRMSNorm."""
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        """RMSNorm in float32 (x is float32): transformers' LlamaRMSNorm, as one op."""
+        return torch.rms_norm(x, weight.shape, weight, self.eps)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -160,21 +160,18 @@ class LlamaRunner:
         """Logits [rows, vocab] (float32) for the step's `logit_rows`."""
         T = step.input_ids.shape[0]
         dtype = self.dtype
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q_size = self.num_heads * self.head_dim
         cos = self.cos.index_select(0, step.positions)
         sin = self.sin.index_select(0, step.positions)
         x = F.embedding(step.input_ids, self.embed).float()  # the residual stream, float32
         for i, w in enumerate(self.layers):
             h = self._norm(x, w.input_norm).to(dtype)
-            q, k, v = w.qkv(h).float().split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(T, self.num_heads, self.head_dim)
-            k = k.view(T, self.num_kv_heads, self.head_dim)
-            v = v.view(T, self.num_kv_heads, self.head_dim)
+            qkv = w.qkv(h).float().view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
             if w.q_norm is not None:
-                q = self._norm(q, w.q_norm)
-                k = self._norm(k, w.k_norm)
-            q = self._rotate(q, cos, sin)
-            k = self._rotate(k, cos, sin)
+                q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+                qk = torch.cat((self._norm(q, w.q_norm), self._norm(k, w.k_norm)), dim=1)
+            q, k = self._rotate(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
             o = paged_attention(q, k, v, i, step.layout, self.scale)
             x = x + w.o(o.view(T, q_size).to(dtype)).float()
             h = self._norm(x, w.post_norm).to(dtype)
