@@ -89,7 +89,12 @@ class ModelArgs(BaseModel):
         "the model: a sentence-transformers folder or an encoder (BERT family) embeds, a causal LM generates. "
         "'embed' on a causal LM pools its last token.",
     )
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights and compute. auto: bfloat16 where the device computes it natively (a "
+        "GPU; a CPU with AVX512-BF16 or AMX, confirmed by a measurement at startup), else float32.")
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="The KV cache. auto: the attention's dtype (float32 on CPU, where attention runs "
+        "in float32 whatever the weights). float16/bfloat16 halve the cache's memory.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = the GPU Ray assigned, else CPU.")
     max_model_len: int | None = Field(
         None, gt=0, description="Context limit (default: the model's own; for a sentence-transformers model its "

@@ -232,8 +232,8 @@ def test_no_step_writes_into_a_block_another_sequence_already_reads(tiny_engine_
     real_pack = batch_engine.pack_step
     writes = []
 
-    def checked_pack(plan, kv, device):
-        step = real_pack(plan, kv, device)
+    def checked_pack(plan, *args):
+        step = real_pack(plan, *args)
         owners = {}
         for s in [*plan.decodes, *(s for s, _ in plan.prefills), *(s for s, _ in plan.drafts)]:
             for b in s.block_table:
@@ -274,8 +274,9 @@ def test_under_memory_pressure_cached_blocks_are_evicted_and_outputs_stay_right(
     assert small.blocks.num_cached_blocks < sum(len(r.prompt_token_ids) // 16 for r in reqs)  # some were evicted
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_compiled_decode_kernel_equals_gathered_sdpa(dtype):
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                            (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_the_compiled_decode_kernel_equals_gathered_sdpa(dtype, kv_dtype):
     """The paged decode kernel (built with the machine's C compiler) against torch's gather + SDPA."""
     from serve_app.engine import cpu_kernels
 
@@ -283,8 +284,8 @@ def test_the_compiled_decode_kernel_equals_gathered_sdpa(dtype):
         pytest.fail("the CPU kernels did not build on this machine (gcc is part of its toolchain)")
     hkv, group, d, bs, rows = 3, 3, 64, 16, 5
     gen = torch.Generator().manual_seed(0)
-    keys = torch.randn(40, bs, hkv, d, generator=gen).to(dtype)
-    values = torch.randn(40, bs, hkv, d, generator=gen).to(dtype)
+    keys = torch.randn(40, bs, hkv, d, generator=gen).to(kv_dtype)
+    values = torch.randn(40, bs, hkv, d, generator=gen).to(kv_dtype)
     tables = torch.randperm(40, generator=gen)[:rows * 6].view(rows, 6)
     lens = torch.tensor([1, 17, 50, 96, 33])
     q = torch.randn(rows, hkv * group, d, generator=gen).to(dtype)
@@ -296,3 +297,4 @@ def test_the_compiled_decode_kernel_equals_gathered_sdpa(dtype):
     want = torch.nn.functional.scaled_dot_product_attention(q.float().view(rows, hkv, group, d), k, v,
                                                             attn_mask=mask).view(rows, -1, d)
     torch.testing.assert_close(out.float(), want, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+    assert out.dtype == dtype

@@ -71,8 +71,8 @@ def decode_rows(cache: KVCache, start: int, seqs: list[Sequence]) -> DecodeRows:
     return DecodeRows(start, len(seqs), tables, torch.tensor(lengths, dtype=torch.long))
 
 
-def use_decode_kernel(cache: KVCache) -> bool:
-    return cpu_kernels.supports(cache.keys[0].dtype, cache.keys[0].device)
+def use_decode_kernel(cache: KVCache, query_dtype: torch.dtype) -> bool:
+    return cpu_kernels.supports(query_dtype, cache.keys[0].dtype, cache.keys[0].device)
 
 
 def decode_group(cache: KVCache, start: int, seqs: list[Sequence]) -> DecodeGroup:
@@ -128,21 +128,21 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Writes this layer's new keys and values into the cache first."""
     cache = layout.cache
     k_cache, v_cache = cache.keys[layer], cache.values[layer]
-    cache.flat(k_cache).index_copy_(0, layout.write_slots, key)
-    cache.flat(v_cache).index_copy_(0, layout.write_slots, value)
+    cache.flat(k_cache).index_copy_(0, layout.write_slots, key.to(k_cache.dtype))
+    cache.flat(v_cache).index_copy_(0, layout.write_slots, value.to(v_cache.dtype))
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     out = query.new_empty(query.shape)
 
     def gather(seg, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The segment's keys and values as [rows, Hkv, keys, D] (strided views)."""
+        """The segment's keys and values as [rows, Hkv, keys, D] in the query's dtype."""
         if seg.read_span is not None:  # consecutive slots: a slice of the flat cache, no copy
             a, b = seg.read_span
-            return (cache.flat(k_cache)[a:b].unsqueeze(0).transpose(1, 2),
-                    cache.flat(v_cache)[a:b].unsqueeze(0).transpose(1, 2))
-        # [rows * blocks, block_size, Hkv, D] -> [rows, Hkv, keys, D]
-        k = k_cache.index_select(0, seg.read_blocks).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
-        v = v_cache.index_select(0, seg.read_blocks).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
-        return k, v
+            k = cache.flat(k_cache)[a:b].unsqueeze(0).transpose(1, 2)
+            v = cache.flat(v_cache)[a:b].unsqueeze(0).transpose(1, 2)
+        else:  # [rows * blocks, block_size, Hkv, D] -> [rows, Hkv, keys, D]
+            k = k_cache.index_select(0, seg.read_blocks).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
+            v = v_cache.index_select(0, seg.read_blocks).view(rows, -1, kv_heads, head_dim).transpose(1, 2)
+        return k.to(query.dtype), v.to(query.dtype)
 
     for seg in layout.segments:
         end = seg.start + seg.size

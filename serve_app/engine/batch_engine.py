@@ -22,6 +22,7 @@ from serve_app.engine.constraints import Constraints, RowFailed
 from serve_app.engine.engine_config import EngineConfig
 from serve_app.engine.kv_cache import KVCache
 from serve_app.engine.model_runner import build_runner, pack_step
+from serve_app.engine.precision import choose_kv_dtype
 from serve_app.engine.prefix_hash import sequence_salt
 from serve_app.engine.sampling import process_logits, sample_next_tokens, token_logprobs
 from serve_app.engine.scheduler import MIN_PREFILL, ScheduledStep, Scheduler
@@ -45,7 +46,9 @@ class BatchEngine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_batch_size = config.max_num_seqs
         self.max_model_len = config.max_model_len
-        self.kv = KVCache.for_model(self.runner.config, config.kv_cache_tokens, config.block_size, self.dtype,
+        self.kv_dtype, self.kv_dtype_reason = choose_kv_dtype(config.kv_cache_dtype, self.runner.attention_dtype,
+                                                              self.device)
+        self.kv = KVCache.for_model(self.runner.config, config.kv_cache_tokens, config.block_size, self.kv_dtype,
                                     self.device)
         self.blocks = BlockManager(self.kv.num_blocks, config.block_size, config.enable_prefix_caching, self.device)
         self.constraints = Constraints(tokenizer, self.runner.config.vocab_size, self.eos_token_ids,
@@ -107,6 +110,8 @@ class BatchEngine:
             "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,
             "dtype": str(self.dtype).removeprefix("torch."),
             "dtype_reason": self.dtype_reason,
+            "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
+            "kv_cache_dtype_reason": self.kv_dtype_reason,
             "runner": self.runner.name,
             "kv_cache_tokens": blocks.capacity_tokens,
             "kv_cache_free_blocks": blocks.num_free_blocks,
@@ -174,7 +179,7 @@ class BatchEngine:
     def _forward(self, plan: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
         """Run the step; return the sequences to sample and the logits: one row per sequence
         to sample, then 1 + k rows per drafted row, in plan order."""
-        step = pack_step(plan, self.kv, self.device)
+        step = pack_step(plan, self.kv, self.device, self.runner.attention_dtype)
         logits = self.runner.forward(step)
         for seq in plan.decodes:
             seq.num_cached = seq.total_len

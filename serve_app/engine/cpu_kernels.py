@@ -28,7 +28,12 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "paged_attention.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-KERNELS = {torch.float32: "paged_decode_attention_f32", torch.bfloat16: "paged_decode_attention_bf16"}
+KERNELS = {  # (query dtype, cache dtype) -> function
+    (torch.float32, torch.float32): "paged_decode_attention_f32_f32",
+    (torch.float32, torch.float16): "paged_decode_attention_f32_f16",
+    (torch.float32, torch.bfloat16): "paged_decode_attention_f32_bf16",
+    (torch.bfloat16, torch.bfloat16): "paged_decode_attention_bf16_bf16",
+}
 DISABLE_ENV = "SERVE_APP_CPU_KERNELS"  # "0": never build or use them
 
 
@@ -69,17 +74,17 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def supports(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype in KERNELS and library() is not None
+def supports(query_dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and (query_dtype, cache_dtype) in KERNELS and library() is not None
 
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, lens: torch.Tensor, out: torch.Tensor, scale: float) -> None:
     """out[n] = attention of query[n] ([N, Hq, D]) over the first lens[n] positions of row n's blocks
-    (block_tables [N, W] int64) in the cache ([blocks, bs, Hkv, D]); all contiguous, one dtype."""
+    (block_tables [N, W] int64) in the cache ([blocks, bs, Hkv, D]); all contiguous."""
     n, hq, d = query.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    fn = getattr(library(), KERNELS[query.dtype])
+    fn = getattr(library(), KERNELS[(query.dtype, k_cache.dtype)])
     failed = fn(query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
                 block_tables.stride(0), lens.data_ptr(), out.data_ptr(), n, hq, hkv, d, bs, scale)
     if failed:

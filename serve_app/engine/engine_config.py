@@ -21,4 +21,5 @@ class EngineConfig:
     cache_salt: str  # keeps this model's cached blocks apart from any other's
     runner: Literal["auto", "native", "transformers"]
     grammar_cache_size: int  # compiled grammars kept
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"]
     block_size: int = BLOCK_SIZE

@@ -43,6 +43,7 @@ def engine_config(args: ModelServingArgs, device_type: str, max_model_len: int) 
         cache_salt=args.model,
         runner=args.runner,
         grammar_cache_size=args.grammar_cache_size,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

@@ -7,9 +7,10 @@ by transformers' own rotary module, so every rope type it precomputes is exact).
 every packed token through the layers with no per-module Python, attends over the paged cache
 (attention.py), and computes the LM head only for the rows that sample.
 
-Precision: the weights are in the model's dtype; the residual stream and the norms stay in
-float32 (as llama.cpp keeps its activations), so bfloat16 weights cost accuracy only inside
-the matrix products.
+Precision: the weights are in the model's dtype and the matrix products run in it; everything
+between them (the residual stream, norms, rotary, attention, SiLU) is float32, as llama.cpp
+keeps its activations, and so is the LM head. The KV cache has its own dtype
+(precision.choose_kv_dtype).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class LlamaRunner:
         config = model.config
         self.config = config
         self.dtype = model.dtype
+        self.attention_dtype = torch.float32  # queries, keys and values as computed (see the docstring)
         self.device = next(model.parameters()).device
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -111,7 +113,10 @@ class LlamaRunner:
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach()
             self.final_norm = inner.norm.weight.detach().float()
-            self.lm_head = Projection(model.lm_head.weight, None, self.pack)
+            # The LM head stays float32 whatever the weights' dtype: its products decide between
+            # near-tied tokens. With bf16 weights, a bf16 head flipped 2.7% of SmolLM2's top-1 choices
+            # on tests/data/precision_text.md; a float32 one 1.0% (tests/test_precision.py).
+            self.lm_head = Projection(model.lm_head.weight.float(), None, self.pack)
             self.layers = [self._layer(layer) for layer in inner.layers]
             self.cos, self.sin = self._rope_tables(inner.rotary_emb, max_model_len)
 
@@ -142,8 +147,8 @@ class LlamaRunner:
         return cos[0].float().unsqueeze(1), sin[0].float().unsqueeze(1)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm in float32 (x is float32), as transformers' LlamaRMSNorm."""
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        """RMSNorm in float32 (x is float32): transformers' LlamaRMSNorm, as one op."""
+        return torch.rms_norm(x, weight.shape, weight, self.eps)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -155,29 +160,23 @@ class LlamaRunner:
         """Logits [rows, vocab] (float32) for the step's `logit_rows`."""
         T = step.input_ids.shape[0]
         dtype = self.dtype
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        cos = step_cos = self.cos.index_select(0, step.positions)
+        q_size = self.num_heads * self.head_dim
+        cos = self.cos.index_select(0, step.positions)
         sin = self.sin.index_select(0, step.positions)
-        if dtype != torch.float32:
-            step_cos, sin = cos.to(dtype), sin.to(dtype)
         x = F.embedding(step.input_ids, self.embed).float()  # the residual stream, float32
         for i, w in enumerate(self.layers):
             h = self._norm(x, w.input_norm).to(dtype)
-            qkv = w.qkv(h)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(T, self.num_heads, self.head_dim)
-            k = k.view(T, self.num_kv_heads, self.head_dim)
-            v = v.view(T, self.num_kv_heads, self.head_dim)
+            qkv = w.qkv(h).float().view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
             if w.q_norm is not None:
-                q = self._norm(q.float(), w.q_norm).to(dtype)
-                k = self._norm(k.float(), w.k_norm).to(dtype)
-            q = self._rotate(q, step_cos, sin)
-            k = self._rotate(k, step_cos, sin)
+                q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+                qk = torch.cat((self._norm(q, w.q_norm), self._norm(k, w.k_norm)), dim=1)
+            q, k = self._rotate(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
             o = paged_attention(q, k, v, i, step.layout, self.scale)
-            x = x + w.o(o.view(T, q_size)).float()
+            x = x + w.o(o.view(T, q_size).to(dtype)).float()
             h = self._norm(x, w.post_norm).to(dtype)
-            gate, up = w.gate_up(h).chunk(2, dim=-1)
-            x = x + w.down(F.silu(gate) * up).float()
+            gate, up = w.gate_up(h).float().chunk(2, dim=-1)
+            x = x + w.down((F.silu(gate) * up).to(dtype)).float()
         x = x.index_select(0, step.logit_rows)
-        h = self._norm(x, self.final_norm).to(dtype)
+        h = self._norm(x, self.final_norm).to(self.lm_head.weight.dtype)
         return self.lm_head(h).float()

@@ -45,7 +45,8 @@ class PackedStep:
     num_draft_rows: int  # 1 + k rows per drafted sequence (plan.drafts order)
 
 
-def pack_step(plan: ScheduledStep, cache: KVCache, device: torch.device) -> PackedStep:
+def pack_step(plan: ScheduledStep, cache: KVCache, device: torch.device, dtype: torch.dtype) -> PackedStep:
+    """The step's inputs for a runner computing in `dtype` over `cache`."""
     tokens: list[int] = []
     positions: list[int] = []
     writes: list[torch.Tensor] = []
@@ -53,7 +54,7 @@ def pack_step(plan: ScheduledStep, cache: KVCache, device: torch.device) -> Pack
     sampled: list[Sequence] = []
     logit_rows: list[int] = []
     decodes = plan.decodes
-    kernel = use_decode_kernel(cache)  # one call for every decoding row; else batched SDPA by length group
+    kernel = use_decode_kernel(cache, dtype)  # one call for every decoding row; else batched SDPA by length group
     if kernel:
         groups = [decodes] if decodes else []
         if decodes:
@@ -108,6 +109,7 @@ class TransformersRunner:
         self.model = model
         self.config = model.config
         self.dtype = model.dtype
+        self.attention_dtype = model.dtype
         self.device = next(model.parameters()).device
         model.set_attn_implementation(ATTENTION_NAME)
 

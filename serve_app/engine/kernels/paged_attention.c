@@ -6,7 +6,8 @@
  * once for all of them. Rows x KV heads are spread over the OpenMP threads of the process
  * (torch's own pool: this library resolves libgomp to the one torch loaded).
  *
- * Layouts (contiguous): q, out [N, Hq, D]; k_cache, v_cache [blocks, bs, Hkv, D];
+ * The cache may hold 16-bit keys and values under float32 queries (half the bytes to read; the
+ * sums stay float32). Layouts (contiguous): q, out [N, Hq, D]; k_cache, v_cache [blocks, bs, Hkv, D];
  * block_tables [N, bt_stride] (int64); lens [N] (int64). The score buffer is per task.
  */
 #include <math.h>
@@ -21,6 +22,26 @@ static inline float bf16_to_f32(uint16_t x) {
     return f;
 }
 
+/* exp for x <= 0 (softmax of scores minus their max), written so that gcc vectorizes the loop
+ * around it: a scalar libm expf per score was most of the kernel's time. Cephes' expf:
+ * exp(x) = 2^k exp(r), |r| <= ln2/2, degree-6 polynomial; relative error below 2e-7. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.f ? -87.f : x;
+    const float k = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
     uint32_t bits;
     memcpy(&bits, &f, sizeof bits);
@@ -29,9 +50,11 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     return (uint16_t)(bits >> 16);
 }
 
-#define DEFINE_KERNEL(NAME, T, LOAD, STORE)                                                          \
-int NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,               \
-         int64_t bt_stride, const int64_t* lens, T* out, int64_t N, int64_t Hq, int64_t Hkv,         \
+static inline float f16_to_f32(_Float16 x) { return (float)x; }
+
+#define DEFINE_KERNEL(NAME, TQ, LOADQ, STOREQ, T, LOAD)                                              \
+int NAME(const TQ* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,              \
+         int64_t bt_stride, const int64_t* lens, TQ* out, int64_t N, int64_t Hq, int64_t Hkv,        \
          int64_t D, int64_t bs, float scale) {                                                       \
     const int64_t G = Hq / Hkv;                                                                      \
     int failed = 0;                                                                                  \
@@ -45,44 +68,60 @@ int NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_ta
             float* acc = qf + G * D;                                                                 \
             for (int64_t g = 0; g < G; g++)                                                          \
                 for (int64_t d = 0; d < D; d++)                                                      \
-                    qf[g * D + d] = LOAD(q[(n * Hq + h * G + g) * D + d]) * scale;                   \
+                    qf[g * D + d] = LOADQ(q[(n * Hq + h * G + g) * D + d]) * scale;                  \
             const int64_t* table = block_tables + n * bt_stride;                                     \
             float mx[G], sum[G];                                                                     \
             for (int64_t g = 0; g < G; g++) { mx[g] = -INFINITY; sum[g] = 0.f; }                     \
-            for (int64_t t = 0; t < L; t++) {                                                        \
-                const T* k = k_cache + ((table[t / bs] * bs + t % bs) * Hkv + h) * D;                \
-                for (int64_t g = 0; g < G; g++) {                                                    \
-                    const float* qg = qf + g * D;                                                    \
-                    float s = 0.f;                                                                   \
-                    _Pragma("omp simd reduction(+:s)")                                               \
-                    for (int64_t d = 0; d < D; d++) s += qg[d] * LOAD(k[d]);                         \
-                    scores[g * L + t] = s;                                                           \
-                    if (s > mx[g]) mx[g] = s;                                                        \
+            /* Block by block: a block's slots are consecutive, so no division per position. */    \
+            for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                 \
+                const int64_t span = L - t0 < bs ? L - t0 : bs;                                      \
+                const T* kb = k_cache + (table[t0 / bs] * bs * Hkv + h) * D;                         \
+                for (int64_t o = 0; o < span; o++) {                                                 \
+                    const T* k = kb + o * Hkv * D;                                                   \
+                    for (int64_t g = 0; g < G; g++) {                                                \
+                        const float* qg = qf + g * D;                                                \
+                        float s = 0.f;                                                               \
+                        _Pragma("omp simd reduction(+:s)")                                           \
+                        for (int64_t d = 0; d < D; d++) s += qg[d] * LOAD(k[d]);                     \
+                        scores[g * L + t0 + o] = s;                                                  \
+                        if (s > mx[g]) mx[g] = s;                                                    \
+                    }                                                                                \
                 }                                                                                    \
             }                                                                                        \
             for (int64_t g = 0; g < G; g++) {                                                        \
                 float* sg = scores + g * L;                                                          \
-                for (int64_t t = 0; t < L; t++) { sg[t] = expf(sg[t] - mx[g]); sum[g] += sg[t]; }    \
+                const float m = mx[g];                                                               \
+                float total = 0.f;                                                                   \
+                _Pragma("omp simd reduction(+:total)")                                               \
+                for (int64_t t = 0; t < L; t++) { sg[t] = exp_nonpositive(sg[t] - m); total += sg[t]; } \
+                sum[g] = total;                                                                      \
             }                                                                                        \
             memset(acc, 0, sizeof(float) * (size_t)(G * D));                                         \
-            for (int64_t t = 0; t < L; t++) {                                                        \
-                const T* v = v_cache + ((table[t / bs] * bs + t % bs) * Hkv + h) * D;                \
-                for (int64_t g = 0; g < G; g++) {                                                    \
-                    const float p = scores[g * L + t];                                               \
-                    float* ag = acc + g * D;                                                         \
-                    _Pragma("omp simd")                                                              \
-                    for (int64_t d = 0; d < D; d++) ag[d] += p * LOAD(v[d]);                         \
+            for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                 \
+                const int64_t span = L - t0 < bs ? L - t0 : bs;                                      \
+                const T* vb = v_cache + (table[t0 / bs] * bs * Hkv + h) * D;                         \
+                for (int64_t o = 0; o < span; o++) {                                                 \
+                    const T* v = vb + o * Hkv * D;                                                   \
+                    for (int64_t g = 0; g < G; g++) {                                                \
+                        const float p = scores[g * L + t0 + o];                                      \
+                        float* ag = acc + g * D;                                                     \
+                        _Pragma("omp simd")                                                          \
+                        for (int64_t d = 0; d < D; d++) ag[d] += p * LOAD(v[d]);                     \
+                    }                                                                                \
                 }                                                                                    \
             }                                                                                        \
             for (int64_t g = 0; g < G; g++)                                                          \
                 for (int64_t d = 0; d < D; d++)                                                      \
-                    out[(n * Hq + h * G + g) * D + d] = STORE(acc[g * D + d] / sum[g]);              \
+                    out[(n * Hq + h * G + g) * D + d] = STOREQ(acc[g * D + d] / sum[g]);             \
             free(scores);                                                                            \
         }                                                                                            \
     }                                                                                                \
     return failed;                                                                                   \
 }
 
+/* Named by query dtype, then cache dtype. */
 #define IDENTITY(x) (x)
-DEFINE_KERNEL(paged_decode_attention_f32, float, IDENTITY, IDENTITY)
-DEFINE_KERNEL(paged_decode_attention_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+DEFINE_KERNEL(paged_decode_attention_f32_f32, float, IDENTITY, IDENTITY, float, IDENTITY)
+DEFINE_KERNEL(paged_decode_attention_f32_f16, float, IDENTITY, IDENTITY, _Float16, f16_to_f32)
+DEFINE_KERNEL(paged_decode_attention_f32_bf16, float, IDENTITY, IDENTITY, uint16_t, bf16_to_f32)
+DEFINE_KERNEL(paged_decode_attention_bf16_bf16, uint16_t, bf16_to_f32, f32_to_bf16, uint16_t, bf16_to_f32)
