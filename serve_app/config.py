@@ -29,12 +29,12 @@ class AutoscalingArgs(BaseModel):
 
     min_replicas: int = Field(1, ge=0, description="Replicas kept when idle (0 = scale to zero).")
     max_replicas: int = Field(1, ge=1, description="Upper bound; on a GPU cluster, the number of GPUs.")
-    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time (default: min, or 1 if min is 0).")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time. Unset: min_replicas, or 1 if that is 0.")
     target_sequences_per_replica: float = Field(
         16, gt=0, description="Queued + in-flight sequences one replica should carry; usually ~max_batch_size/2."
     )
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(30.0, ge=0)
+    upscale_delay_s: float = Field(5.0, ge=0, description="How long demand must stay higher before replicas are added.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="How long demand must stay lower before replicas are removed.")
     metrics_interval_s: float = Field(1.0, gt=0, description="How often replicas and the router report load.")
     look_back_period_s: float = Field(5.0, gt=0, description="Window over which reported load is averaged.")
 
@@ -83,89 +83,80 @@ class ModelArgs(BaseModel):
         description="Hugging Face hub id, local directory, or a built-in offline model "
         "('builtin:smollm2-135m-instruct', 'builtin:all-minilm-l6-v2', 'builtin:tiny-llama').",
     )
-    served_model_name: str | None = Field(None, description="Name clients pass as `model` (default: `model`).")
+    served_model_name: str | None = Field(None, description="Name clients pass as `model`. Unset: `model`.")
     task: Task | None = Field(
-        None, description="'generate' (chat and completions) or 'embed' (/v1/embeddings). Default: detected from "
+        None, description="'generate' (chat and completions) or 'embed' (/v1/embeddings). Unset: detected from "
         "the model: a sentence-transformers folder or an encoder (BERT family) embeds, a causal LM generates. "
         "'embed' on a causal LM pools its last token.",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights and compute. auto: bfloat16 where the device computes it natively (a "
-        "GPU; a CPU with AVX512-BF16 or AMX, confirmed by a measurement at startup), else float32.")
+        "GPU; a CPU with AVX512-BF16 or AMX that a startup check finds faster), else float32.")
     kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="The KV cache. auto: the attention's dtype (float32 on CPU, where attention runs "
-        "in float32 whatever the weights). float16/bfloat16 halve the cache's memory.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = the GPU Ray assigned, else CPU.")
+        "auto", description="The KV cache. auto: the attention's dtype (float32 on CPU). float16/bfloat16 "
+        "halve the cache's memory.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU Ray assigned, else CPU.")
     max_model_len: int | None = Field(
-        None, gt=0, description="Context limit (default: the model's own; for a sentence-transformers model its "
-        "max_seq_length). For an embedding model, the most tokens of one input.")
+        None, gt=0, description="Context limit for prompt + completion; for an embedding model, tokens of one "
+        "input. Unset: the model's own (a sentence-transformers model's max_seq_length).")
     torch_threads: int | None = Field(
-        None, gt=0, description="torch intra-op threads of a CPU replica (default: the node's cores divided by "
-        "autoscaling.max_replicas, at least 1; Ray would give it one per reserved CPU, 24% slower measured on "
-        "2 cores with one replica)."
+        None, gt=0, description="torch intra-op threads of a CPU replica. Unset: the node's cores / "
+        "autoscaling.max_replicas (at least 1), so the replicas of one node do not oversubscribe it."
     )
 
     # Batching and queueing
     max_batch_size: int = Field(
-        32, ge=1, le=1024, description="Sequences a replica decodes together (an embedding replica: inputs it "
-        "holds at once).")
+        32, ge=1, le=1024, description="Sequences a replica decodes together (its slots); an embedding "
+        "replica: inputs it holds at once.")
     max_num_batched_tokens: int | None = Field(
-        None, ge=1, description="Token budget of one engine step: one per decoding sequence, the rest "
-        "prefills prompts in chunks (default: 256 on CPU, 2048 on GPU; at least max_batch_size). "
-        "Smaller keeps streams flowing while long prompts arrive; larger prefills faster. For an embedding "
-        "model: padded tokens of one forward (default: 8192 on CPU, 32768 on GPU).",
+        None, ge=1, description="Token budget of one engine step: one per decoding row, the rest prefills "
+        "prompts in chunks; smaller keeps streams smooth, larger prefills faster. Unset: 256 on CPU, 2048 on "
+        "GPU (at least max_batch_size); embedding models: padded tokens per forward, 8192 CPU / 32768 GPU.",
     )
     step_time_target_s: float | None = Field(
-        None, gt=0, description="Steps longer than this silence every stream that long: when set, the engine "
-        "shrinks the next step's token budget in proportion after a step overran it (down to decode rows + 16 "
-        "prompt tokens) and grows it back by a quarter per step that did not. Default: a fixed budget.",
+        None, gt=0, description="When set, a step that overran it shrinks the next step's token budget in "
+        "proportion (down to decode rows + 16), growing back by a quarter per step; caps stream silences, "
+        "slows prompts. Unset: a fixed budget.",
     )
     num_speculative_tokens: int = Field(
-        4, ge=0, le=16, description="Prompt-lookup speculative decoding: when a stream's last tokens occurred "
-        "earlier in its prompt or output, the engine checks up to this many of the tokens that followed them "
-        "in the same forward as its next token and keeps those the model's own draws agree with (same greedy "
-        "tokens or the same sampling distribution, fewer steps: 2.5x faster at batch 1 on repetitive text, "
-        "unchanged on text that does not repeat). Streams with a seed, logprobs or penalties decode one "
-        "token per step. 0 = off.",
+        4, ge=0, le=16, description="Prompt-lookup speculative decoding: draft up to this many tokens from "
+        "earlier in the stream's own text and keep those the model's draws agree with (same output, fewer "
+        "steps). Streams with a seed, logprobs or penalties decode one token per step. 0 = off.",
     )
     speculative_max_rows: int = Field(
-        8, ge=1, description="Draft only while at most this many sequences are decoding: beyond that a step "
-        "is bound by compute, not by reading the weights, and drafts stop paying (measured on 2 CPU cores: "
-        "repetitive text 2.3x at 8 rows, 1.2-1.9x at 16; chat 1.12x at 8 rows, 0.95-0.99x at 16).",
+        8, ge=1, description="Draft only while at most this many sequences decode: beyond that a step is "
+        "bound by compute and drafts stop paying.",
     )
     enable_prefix_caching: bool = Field(
-        True, description="Keep the KV blocks of finished prompts and outputs, and let a request whose "
-        "prompt starts the same way (a shared system prompt, the earlier turns of a chat) prefill only the "
-        "rest. Cached blocks are evicted, least recently used first, whenever a new block is needed.",
+        True, description="Keep the KV blocks of finished prompts and outputs so a request starting the same "
+        "way (a shared system prompt, a chat's earlier turns) prefills only the rest; evicted LRU.",
     )
     runner: Literal["auto", "native", "transformers"] = Field(
         "auto", description="The forward pass: native = our own for the Llama family (Llama, Mistral, "
         "Qwen2, Qwen3); transformers = the model's transformers module; auto = native where supported.",
     )
     kv_cache_tokens: int | None = Field(
-        None, ge=16, description="Tokens the paged KV cache of a replica holds (default: enough for "
-        "max_batch_size sequences of 1024 tokens, and at least one of max_model_len). A sequence is admitted "
-        "only when its prompt + max_tokens fit; the rest wait in the engine.",
+        None, ge=16, description="Tokens the paged KV cache of a replica holds; a sequence is admitted when "
+        "prompt + max_tokens fit, the rest wait. Unset: max(max_model_len, max_batch_size x 1024).",
     )
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long the router waits to fill a batch.")
     max_queue_len: int = Field(256, ge=1, description="Requests waiting in the router; beyond it clients get 429.")
 
     # Placement
-    num_gpus: float | None = Field(None, ge=0, description="GPUs per replica (default: 1 if the cluster has GPUs, else 0).")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per replica, fractions allowed. Unset: 1 if the cluster has GPUs, else 0.")
     num_cpus: float = Field(1, ge=0, description="CPUs reserved per model replica.")
-    router_num_cpus: float = Field(0, ge=0)
+    router_num_cpus: float = Field(0, ge=0, description="CPUs reserved per Router replica.")
     router_replicas: int = Field(
         1, ge=1, le=64, description="Router replicas; each admits into its share of every model replica's slots.")
     prefix_aware_routing: bool = Field(
-        True, description="With several model replicas, a request goes to the replica most likely to hold "
-        "its prompt's start in its prefix cache (the router remembers where it sent each prompt), unless "
-        "balance says otherwise (prefix_routing_max_imbalance). Off: always the least loaded replica.",
+        True, description="Send a request to the replica most likely to hold its prompt's start in its "
+        "prefix cache, within prefix_routing_max_imbalance. Off: always the least loaded replica.",
     )
     prefix_routing_max_imbalance: int = Field(
         4, ge=0, description="Sequences a replica may carry beyond the least loaded one and still be chosen "
         "for holding a request's prefix; beyond it the least loaded replica is chosen.",
     )
-    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
+    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs, description="How many replicas run.")
 
     @property
     def model_name(self) -> str:
@@ -205,15 +196,15 @@ class AppWideArgs(BaseModel):
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503.")
 
     # Placement
-    ingress_num_cpus: float = Field(0, ge=0)
+    ingress_num_cpus: float = Field(0, ge=0, description="CPUs reserved per ingress replica.")
     ingress_replicas: int = Field(1, ge=1, le=256, description="Ingress replicas (HTTP, tokenization, SSE).")
     lease_timeout_s: float = Field(
         60.0, gt=0, description="A router frees the slots of an admitted request whose ingress stopped renewing "
         "its lease for this long (the ingress died); ingresses renew every quarter of it."
     )
     health_check_period_s: float = Field(
-        2.0, gt=0, description="How often Serve checks each replica. A dead model replica stays in the "
-        "router's placement choices until a check fails: Serve's 10 s default left it there for 5-10 s."
+        2.0, gt=0, description="How often Serve checks each replica; a dead replica stays among the "
+        "router's placement choices until a check fails."
     )
     graceful_shutdown_timeout_s: float = Field(
         120, ge=0, description="A replica being removed (redeploy, scale down, `serve shutdown`) finishes its "
@@ -225,36 +216,32 @@ class AppWideArgs(BaseModel):
     max_messages: int = Field(512, ge=1, description="Messages in one chat request.")
     max_stop_chars: int = Field(256, ge=1, le=4096, description="Length of one stop string.")
     max_prompt_tokens: int | None = Field(
-        None, ge=1, description="Tokens in one prompt (default: max_model_len - 1); longer prompts get 400.")
+        None, ge=1, description="Tokens in one prompt; longer prompts get 400. Unset: max_model_len - 1.")
     max_embedding_inputs: int = Field(
-        2048, ge=1, description="Inputs in one /v1/embeddings request (OpenAI's limit); each may be at most the "
-        "model's max_model_len tokens unless the request asks for truncation (truncate_prompt_tokens).")
+        2048, ge=1, description="Inputs in one /v1/embeddings request (OpenAI's limit).")
     body_read_timeout_s: float = Field(
         30.0, gt=0, description="Deadline for receiving a request body; a slower client gets 408.")
     max_schema_bytes: int = Field(
-        65_536, ge=256, description="Size of the grammar one request may constrain its output to: the JSON text "
-        "of a response_format / guided_json schema, a guided regex or grammar, or all of its tools' parameter "
-        "schemas together; larger ones get 400.")
+        65_536, ge=256, description="Size of one request's output constraint (schema, regex or grammar, or all "
+        "its tools' parameter schemas together); larger ones get 400.")
     max_tools: int = Field(128, ge=1, description="Tools in one chat request.")
     grammar_cache_size: int = Field(
-        256, ge=1, description="Compiled grammars (JSON schemas, tool sets, regexes...) each process keeps; "
-        "a repeated schema is not compiled again.")
+        256, ge=1, description="Compiled grammars each process keeps; a repeated schema is not compiled again.")
 
     # Operations
-    metrics: bool = Field(True, description="Export Prometheus metrics through Ray (README 'Operations').")
+    metrics: bool = Field(True, description="Export Prometheus metrics through Ray.")
 
     # Security
     api_key: str | list[str] | None = Field(
-        None, description="Accepted keys: clients send `Authorization: Bearer <key>`. Also read from the "
-        "SERVE_APP_API_KEYS environment variable (comma-separated) and `api_key_file`; any of them enables auth.")
+        None, description="Accepted key(s): clients send `Authorization: Bearer <key>`. Also from env "
+        "SERVE_APP_API_KEYS (comma-separated) and api_key_file; any of them turns auth on.")
     api_key_file: str | None = Field(None, description="A file with one accepted API key per line.")
     allowed_hosts: list[str] | None = Field(
-        None, description="Host header values served, others get 400 ('*.' matches subdomains, '<ip>' any IP "
-        "address, '*' any host). Default: with API keys any host; without, localhost, this machine's names and "
-        "IP addresses (DNS rebinding).")
+        None, description="Host header values served, others get 400 (`*.x`: subdomains, `<ip>`: any IP, `*`: any "
+        "host). Unset: any host with API keys; without, localhost, this machine's names and any IP.")
     prefix_cache_salt_by_api_key: bool = Field(
-        False, description="Requests made with different API keys never share cached KV blocks (a cache "
-        "hit is visible in the time to first token; this keeps tenants from learning each other's prompts).",
+        False, description="Requests made with different API keys never share cached KV blocks (a cache hit "
+        "shows in the time to first token, which would leak other tenants' prompts).",
     )
     trust_ray_headers: bool = Field(
         False, description="Honour Ray's per-request control headers (x-request-disconnect-disabled, "
