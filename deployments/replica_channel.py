@@ -47,7 +47,7 @@ class ReplicaChannel:
         while not self.closed:
             await asyncio.sleep(KEEPALIVE_S)
             if self.inboxes and self.channel_id is not None and not self.closed:
-                call_detached(replicas.touch, self.channel_id, replica_id=self.replica_id)
+                call_detached(replicas.touch, self.channel_id, pinned_to=self.replica_id)
 
     async def wait_ready(self) -> None:
         await self._ready.wait()

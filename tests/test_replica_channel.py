@@ -1,0 +1,62 @@
+"""The caller's end of a replica channel calls the replica's methods as they are declared."""
+
+import asyncio
+import inspect
+
+from deployments import replica_channel
+from deployments.replica import ModelReplica
+from deployments.replica_channel import stream_via_channel
+from serve_app.engine.types import GenerationRequest
+
+REPLICA = ModelReplica.func_or_class
+
+
+class Method:
+    """A handle method that checks each call against the real ModelReplica method."""
+
+    def __init__(self, handle: "FakeReplicas", name: str):
+        self.handle, self.name = handle, name
+
+    def remote(self, *args, **kwargs):
+        inspect.signature(getattr(REPLICA, self.name)).bind(None, *args, **kwargs)  # TypeError if not
+        self.handle.calls.append((self.name, kwargs.get("pinned_to")))
+        return self.handle.respond(self.name)
+
+
+class FakeReplicas:
+    def __init__(self):
+        self.calls = []
+        self.finish = asyncio.Event()
+
+    def options(self, **_):
+        return self
+
+    def __getattr__(self, name):
+        return Method(self, name)
+
+    def respond(self, name):
+        if name == "channel":
+            return self._channel()
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def _channel(self):
+        yield "channel-1"
+        await self.finish.wait()  # a long silence: the engine is busy with others' prefill
+
+
+async def test_a_silent_stream_keeps_telling_its_replica_it_is_alive(monkeypatch):
+    monkeypatch.setattr(replica_channel, "KEEPALIVE_S", 0.05)
+    replicas = FakeReplicas()
+    request = GenerationRequest(request_id="r1", prompt_token_ids=[1, 2, 3])
+    stream = stream_via_channel({}, replicas, "replica-a", [request])
+    reading = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.3)
+    touches = [c for c in replicas.calls if c[0] == "touch"]
+    assert len(touches) >= 3 and all(pinned == "replica-a" for _, pinned in touches), replicas.calls
+    assert ("submit", "replica-a") in replicas.calls
+    reading.cancel()
+    replicas.finish.set()
+    await asyncio.gather(reading, return_exceptions=True)
+    assert ("cancel", "replica-a") in replicas.calls  # the caller left: its rows are stopped
