@@ -85,9 +85,9 @@ class ModelArgs(BaseModel):
     )
     served_model_name: str | None = Field(None, description="Name clients pass as `model`. Unset: `model`.")
     task: Task | None = Field(
-        None, description="'generate' (chat and completions) or 'embed' (/v1/embeddings). Unset: detected from "
-        "the model: a sentence-transformers folder or an encoder (BERT family) embeds, a causal LM generates. "
-        "'embed' on a causal LM pools its last token.",
+        None, description="generate: chat and completions; embed: /v1/embeddings (on a causal LM, its last "
+        "token pooled). Unset: detected; a sentence-transformers folder or a BERT-family encoder embeds, a "
+        "causal LM generates.",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights and compute. auto: bfloat16 where the device computes it natively (a "

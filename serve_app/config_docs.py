@@ -8,6 +8,8 @@ description shows up in review as a README change too.
 
 from __future__ import annotations
 
+from typing import Literal, get_args, get_origin
+
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
@@ -34,6 +36,13 @@ def default_text(name: str, field: FieldInfo) -> str:
     return f"`{value}`"
 
 
+def literal_choices(annotation) -> list[str]:
+    """The values a Literal field (or an optional one) accepts; none for other types."""
+    if get_origin(annotation) is Literal:
+        return [str(v) for v in get_args(annotation)]
+    return [c for arg in get_args(annotation) for c in literal_choices(arg)]
+
+
 def rows(model: type[BaseModel], prefix: str = "", only: set[str] | None = None) -> list[str]:
     """One table line per field; a nested model's fields follow as `<field>.<name>`."""
     out = []
@@ -45,6 +54,8 @@ def rows(model: type[BaseModel], prefix: str = "", only: set[str] | None = None)
             out += rows(nested, f"{prefix}{name}.")
             continue
         description = " ".join((field.description or "").split())
+        if choices := literal_choices(field.annotation):
+            description += " One of " + ", ".join(f"`{c}`" for c in choices) + "."
         out.append(f"| `{prefix}{name}` | {default_text(name, field)} | {description} |")
     return out
 
