@@ -53,7 +53,7 @@ class ModelReplica:
         self._seen: dict[str, float] = {}  # channel id -> when its caller last showed it is alive
         logger.info("replica %s: model %s on %s (assigned GPUs %s, CUDA_VISIBLE_DEVICES=%s), KV cache %d tokens",
                     self.replica_id, self.args.model, self.device, self.gpu_ids or "none",
-                    os.environ.get("CUDA_VISIBLE_DEVICES", ""), self.engine.engine.blocks.capacity_tokens)
+                    os.environ.get("CUDA_VISIBLE_DEVICES", ""), self.engine.stats()["kv_cache_tokens"])
 
     def wake(self) -> None:
         """Nothing: the call itself matters. A Router with requests waiting and no replica known
@@ -74,12 +74,14 @@ class ModelReplica:
                 except TimeoutError:
                     if not channel.pending:
                         return  # submit() runs on this same loop: nothing can slip in now
-                    if time.monotonic() - self._seen[channel_id] > CALLER_GONE_S:
-                        logger.warning("channel %s: its caller is silent; stopping its %d sequences",
-                                       channel_id, len(channel.pending))
-                        return
-                    continue
-                yield outputs
+                    outputs = None
+                # Checked whether or not outputs flow: Serve keeps draining a dead caller's stream.
+                if channel.pending and time.monotonic() - self._seen[channel_id] > CALLER_GONE_S:
+                    logger.warning("channel %s: its caller is silent; stopping its %d sequences",
+                                   channel_id, len(channel.pending))
+                    return
+                if outputs:
+                    yield outputs
         finally:
             del self._channels[channel_id]
             self._seen.pop(channel_id, None)
@@ -114,19 +116,18 @@ class ModelReplica:
 
     def _export_metrics(self) -> None:
         m = replica_metrics()
-        engine = self.engine.engine
-        m["running"].set(self.engine.num_running)
-        m["waiting"].set(self.engine.num_sequences - self.engine.num_running)
-        m["kv_usage"].set(1 - engine.blocks.num_free_blocks / max(1, engine.blocks.num_blocks))
+        stats = self.engine.stats()
+        m["running"].set(stats["running_sequences"])
+        m["waiting"].set(stats["engine_sequences"] - stats["running_sequences"])
+        m["kv_usage"].set(1 - stats["kv_cache_free_blocks"] / max(1, stats["kv_cache_blocks"]))
         log = self.engine.step_log
         for _ in range(len(log)):
             tokens, rows, seconds = log.popleft()
             m["step_tokens"].observe(tokens)
             m["step_rows"].observe(rows)
             m["step_time"].observe(seconds)
-        totals = {"draft_tokens": engine.draft_tokens, "accepted_draft_tokens": engine.accepted_draft_tokens,
-                  "prefix_cache_queries": engine.blocks.queries, "prefix_cache_hits": engine.blocks.hits}
-        for name, total in totals.items():  # counters: what is new since the last beat
+        for name in ("draft_tokens", "accepted_draft_tokens", "prefix_cache_queries", "prefix_cache_hits"):
+            total = stats[name]  # counters: what is new since the last beat
             if total > self._exported.get(name, 0):
                 m[name].inc(total - self._exported.get(name, 0))
                 self._exported[name] = total

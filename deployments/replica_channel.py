@@ -19,7 +19,7 @@ from serve_app.engine.types import GenerationRequest, coalesce
 # While it has requests in flight, a caller says it is alive this often; a replica stops the rows of a
 # channel whose caller went silent for CALLER_GONE_S (its process died: nothing else would stop them).
 KEEPALIVE_S = 2.0
-CALLER_GONE_S = 3 * KEEPALIVE_S
+CALLER_GONE_S = 5 * KEEPALIVE_S
 
 
 class ChannelClosed(RuntimeError):

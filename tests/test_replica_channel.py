@@ -60,3 +60,33 @@ async def test_a_silent_stream_keeps_telling_its_replica_it_is_alive(monkeypatch
     replicas.finish.set()
     await asyncio.gather(reading, return_exceptions=True)
     assert ("cancel", "replica-a") in replicas.calls  # the caller left: its rows are stopped
+
+
+async def test_a_replica_stops_the_rows_of_a_silent_caller_even_while_they_produce(tiny_engine_factory, monkeypatch):
+    """A dead ingress sends no more touches; its rows keep producing, and Serve keeps draining
+    their stream, so the replica must notice the silence between outputs too."""
+    from deployments import replica
+    from serve_app.engine.async_engine import AsyncEngine
+    from serve_app.engine.types import SamplingParams
+
+    monkeypatch.setattr(replica, "CALLER_GONE_S", 0.5)
+    model_replica = REPLICA.__new__(REPLICA)  # its methods, without Serve's replica context
+    model_replica._channels, model_replica._seen = {}, {}
+    model_replica.engine = AsyncEngine(tiny_engine_factory())
+    try:
+        stream = model_replica.channel()
+        channel_id = await anext(stream)
+        long_row = GenerationRequest(request_id="long", prompt_token_ids=[5, 6, 7],
+                                     params=SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
+        await model_replica.submit(channel_id, [long_row])
+        started, produced = asyncio.get_running_loop().time(), 0
+        async for outputs in stream:  # no touch() from here on
+            produced += sum(len(o.token_ids) for o in outputs)
+        took = asyncio.get_running_loop().time() - started
+        assert 0.4 < took < 3, took
+        assert 0 < produced < 1500, produced  # stopped while producing, not at max_tokens
+        assert channel_id not in model_replica._channels
+        await asyncio.sleep(0.5)
+        assert model_replica.engine.num_sequences == 0
+    finally:
+        model_replica.engine.shutdown()
