@@ -41,7 +41,7 @@ from bench.cpu import CpuMeter
 from bench.loadgen import Workload, run_load
 from bench.multiturn import MultiTurnChat, run_multiturn
 from bench.report import chart, cpu_table, markdown_table, multiturn_table
-from serve_app.config import ModelArgs
+from serve_app.config import AppWideArgs, ModelArgs
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -141,31 +141,56 @@ def offline_limit(model_name: str, workload: Workload, batch_size: int, n: int, 
     return result
 
 
-def run_serve_app(model: str, port: int, server_args: dict, scenarios, replicas: int = 1) -> list[dict]:
-    """The scenarios on one model replica; with `replicas` > 1, the multi-turn scenarios again on that
-    many (fixed count, one torch thread each), in the same Ray session."""
+EMBEDDER = "builtin:all-minilm-l6-v2"
+# Serving variants run on the first scenario, after the main runs, in the same Ray session:
+# (system label, how the app args differ). Each is compared with the plain run in `ratios`.
+VARIANTS = {
+    "cache-off": ("serve_app, prefix cache off", lambda chat: {**chat, "enable_prefix_caching": False}),
+    "with-embedder": ("serve_app + embedding model", lambda chat: {"models": [chat, {"model": EMBEDDER}]}),
+}
+
+
+def serve_model_args(model: str, server_args: dict) -> tuple[dict, dict]:
+    """server_args split into the chat model's entry and the app-wide fields."""
+    app_wide = {k: v for k, v in server_args.items() if k in AppWideArgs.model_fields}
+    return {"model": model, **{k: v for k, v in server_args.items() if k not in app_wide}}, app_wide
+
+
+def run_serve_app(model: str, port: int, server_args: dict, scenarios, replicas: int = 1,
+                  variants: tuple[str, ...] = ()) -> list[dict]:
+    """The scenarios on one model replica; then each of `variants` on the first scenario; with
+    `replicas` > 1, the multi-turn scenarios again on that many (fixed count, one torch thread
+    each), with prefix-aware placement and without it, in the same Ray session."""
     import ray
     from ray import serve
 
     from serve_app import ray_env
     from serve_app.app import build_app
 
+    chat, app_wide = serve_model_args(model, server_args)
+
+    def deploy(args: dict, warm_requests: int = 4) -> None:
+        serve.delete("serve_app")  # frees the replica's CPU before a new one asks for it
+        serve.run(build_app({**args, **app_wide}), name="serve_app", route_prefix="/")
+        asyncio.run(run_load(url, model, Workload(16, 4), warm_requests, concurrency=warm_requests))
+
     ray_env.apply()  # what `make serve` runs with
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
-        serve.run(build_app({"model": model, **server_args}), name="serve_app", route_prefix="/")
-        asyncio.run(run_load(url, model, Workload(16, 4), 4, concurrency=4))  # warm-up
+        deploy(chat)
         runs = [measure("serve_app", url, model, label, kwargs) for label, kwargs in scenarios]
+        for variant in variants:
+            system, app_args = VARIANTS[variant]
+            deploy(app_args(chat))
+            runs.append(measure(system, url, model, *scenarios[0]))
         multiturn = [(label, kwargs) for label, kwargs in scenarios if "multiturn" in kwargs]
         if replicas > 1 and multiturn:
-            scaled = {**server_args, "torch_threads": 1,
-                      "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}
-            serve.delete("serve_app")  # frees the replica's CPU before the new ones ask for theirs
-            serve.run(build_app({"model": model, **scaled}), name="serve_app", route_prefix="/")
-            asyncio.run(run_load(url, model, Workload(16, 4), 2 * replicas, concurrency=2 * replicas))
-            runs += [measure(f"serve_app ×{replicas}", url, model, label, kwargs) for label, kwargs in multiturn]
+            scaled = {**chat, "torch_threads": 1, "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}
+            for aware, system in ((True, f"serve_app ×{replicas}"), (False, f"serve_app ×{replicas}, least loaded")):
+                deploy({**scaled, "prefix_aware_routing": aware}, 2 * replicas)
+                runs += [measure(system, url, model, label, kwargs) for label, kwargs in multiturn]
         return runs
     finally:
         serve.shutdown()
@@ -273,6 +298,8 @@ def main() -> None:
                         "machine others are using, one thread per core it does not have stalls every step")
     p.add_argument("--replicas", type=int, default=1,
                    help="also run the multi-turn scenario on this many model replicas (torch_threads 1 each)")
+    p.add_argument("--variants", nargs="*", default=[], choices=tuple(VARIANTS),
+                   help="also run the first scenario with the prefix cache off / with the embedding model served too")
     p.add_argument("--skip-serve-app", action="store_true",
                    help="no serve_app and no offline limit: check the peers alone")
     a = p.parse_args()
@@ -299,7 +326,7 @@ def main() -> None:
     offline, runs = None, []
     if not a.skip_serve_app:
         offline = offline_limit(a.model, Workload(128, 128), 32, 32, a.torch_threads, a.dtype)
-        runs = run_serve_app(a.model, free_port(), server_args, scenarios, a.replicas)
+        runs = run_serve_app(a.model, free_port(), server_args, scenarios, a.replicas, tuple(a.variants))
     if not a.skip_naive:  # the seed design serves one request at a time: concurrency 1 says it all
         runs += run_naive(a.model, free_port(), [s for s in scenarios if s[0].startswith("concurrency 1")], a.dtype)
     if a.with_transformers_serve:
@@ -345,8 +372,13 @@ def ratios(runs: list[dict], offline: dict | None, llama_types=(), replicas: int
             peers[f"{key}_{tag}"] = over(find("serve_app", label), find(name, label), figure)
     peers["multiturn_cached_fraction"] = mt and mt["cached_fraction"]
     if replicas > 1:
-        scaled = find(f"serve_app ×{replicas}", MULTITURN)
-        peers["multiturn_cached_fraction_replicas_vs_1"] = over(scaled, mt, lambda r: r["cached_fraction"])
+        for key, system in (("multiturn_cached_fraction_replicas_vs_1", f"serve_app ×{replicas}"),
+                            ("multiturn_cached_fraction_least_loaded_vs_1", f"serve_app ×{replicas}, least loaded")):
+            peers[key] = over(find(system, MULTITURN), mt, lambda r: r["cached_fraction"])
+    first, steady = find("serve_app", SCENARIOS[0][0]), (lambda r: r["steady_output_tokens_per_s"])
+    peers["closed_loop_cache_on_vs_off"] = over(first, find(VARIANTS["cache-off"][0], SCENARIOS[0][0]), steady)
+    peers["closed_loop_with_embedder_vs_alone"] = over(find(VARIANTS["with-embedder"][0], SCENARIOS[0][0]), first,
+                                                       steady)
     if offline is None:
         return peers
     limit = offline["output_tokens_per_s"]
@@ -400,8 +432,15 @@ def targets(llama_types=(), replicas: int = 1) -> list[tuple[str, str, float | N
             (f"multiturn_tok_s_vs_llama_cpp_{tag}", f"multi-turn chat, out tok/s ÷ {peer}", None, True),
         ]
     if replicas > 1:
-        rows.append(("multiturn_cached_fraction_replicas_vs_1",
-                     f"multi-turn chat, cached fraction on {replicas} replicas ÷ on 1", 0.9, True))
+        rows += [("multiturn_cached_fraction_replicas_vs_1",
+                  f"multi-turn chat, cached fraction on {replicas} replicas ÷ on 1", 0.9, True),
+                 ("multiturn_cached_fraction_least_loaded_vs_1",
+                  f"the same, {replicas} replicas with prefix_aware_routing off (least loaded) ÷ on 1", None, True)]
+    # Ratios of one scenario with a feature on and off: within 3%.
+    rows += [("closed_loop_cache_on_vs_off", "closed loop c=32 mixed (no shared prefixes), steady tok/s, "
+              "prefix cache on ÷ off", 0.97, True),
+             ("closed_loop_with_embedder_vs_alone",
+              "closed loop c=32 mixed, steady tok/s, embedding model served too ÷ chat alone", 0.97, True)]
     return rows
 
 

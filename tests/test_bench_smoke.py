@@ -125,6 +125,9 @@ def test_run_reports_a_ratio_for_every_target_row(tmp_path, monkeypatch):
                  run(system, PREFILL, 1, None, 3.0 / speed),
                  run(system, MULTITURN, 20 * speed, 0.1, 1.0, later=0.6 / speed)]
     runs.append(run("serve_app ×2", MULTITURN, 20, 0.1, 1.0, later=0.5) | {"cached_fraction": 0.45})
+    runs.append(run("serve_app ×2, least loaded", MULTITURN, 20, 0.1, 1.0, later=0.5) | {"cached_fraction": 0.25})
+    runs.append(run(bench.run.VARIANTS["cache-off"][0], SCENARIOS[0][0], 80, 0.1, 1.0))
+    runs.append(run(bench.run.VARIANTS["with-embedder"][0], SCENARIOS[0][0], 99, 0.1, 1.0))
     offline = {"output_tokens_per_s": 200.0, "duration_s": 10.0, "output_tokens": 640, "batch_size": 32,
                "prefill_s": 0.5}
     found = ratios(runs, offline, ["bf16", "f32"], replicas=2)
@@ -136,6 +139,8 @@ def test_run_reports_a_ratio_for_every_target_row(tmp_path, monkeypatch):
     assert found["multiturn_later_ttft_vs_llama_cpp_bf16"] == 2.0
     assert found["multiturn_cached_fraction"] == 0.5
     assert abs(found["multiturn_cached_fraction_replicas_vs_1"] - 0.9) < 1e-9
+    assert found["multiturn_cached_fraction_least_loaded_vs_1"] == 0.5
+    assert found["closed_loop_cache_on_vs_off"] == 1.25 and found["closed_loop_with_embedder_vs_alone"] == 0.99
     # Without serve_app and the offline limit, the peers' rows are simply absent.
     alone = [r for r in runs if r["system"] != "serve_app"]
     assert ratios(alone, None, ["bf16"])["closed_loop_vs_llama_cpp_bf16"] is None
