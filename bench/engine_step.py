@@ -5,6 +5,7 @@ Prints median step times in ms and each variant's speed-up over the first.
 
     .venv/bin/python -m bench.engine_step                       # native vs transformers runner, float32
     .venv/bin/python -m bench.engine_step --variants native:float32 native:bfloat16 --rounds 6
+    .venv/bin/python -m bench.engine_step --profile                # per-op profile of a 32-row decode step
 
 A variant is RUNNER:DTYPE (RUNNER: native | transformers; DTYPE: float32 | bfloat16 | auto).
 Prefix caching is off: every round computes its prompts.
@@ -63,15 +64,49 @@ def measure(engines: dict[str, BatchEngine], rounds: int) -> dict[tuple[str, str
     return times
 
 
+def profile(engines: dict[str, BatchEngine], steps: int = 5, top: int = 12) -> None:
+    """Where one 32-row decode step's time goes, by torch op (self CPU time, mean per step)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    prompts = torch.randint(100, 1000, (32, 128)).tolist()
+    for variant, engine in engines.items():
+        for i in range(32):
+            engine.add(request(f"p{i}", prompts[i], 3 + steps + 2))
+        while engine.waiting or any(not s.prefilled for s in engine.running):
+            engine.step()
+        for _ in range(3):
+            engine.step()
+        started = time.perf_counter()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine.step()
+        wall = (time.perf_counter() - started) * 1e3 / steps
+        while engine.has_work:
+            engine.step()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+        print(f"\n{variant}: a 32-row decode step, {wall:.1f} ms with the profiler on ({total:.1f} ms in ops)\n")
+        print("| op | ms per step | share | calls per step |")
+        print("|---|---:|---:|---:|")
+        for e in events[:top]:
+            ms = e.self_cpu_time_total / 1e3 / steps
+            print(f"| `{e.key}` | {ms:.1f} | {100 * ms / total:.0f}% | {e.count // steps} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin:smollm2-135m-instruct")
     p.add_argument("--variants", nargs="+", default=["transformers:float32", "native:float32"])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--profile", action="store_true", help="a per-op profile of one 32-row decode step instead")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     engines = {v: make_engine(a.model, v) for v in a.variants}
+    if a.profile:
+        profile(engines)
+        return
     times = measure(engines, a.rounds)
     first = a.variants[0]
     print(f"{a.model}, {a.threads} threads, {a.rounds} rounds; median ms (speed-up over {first})\n")

@@ -19,7 +19,7 @@ from ray import serve
 
 from deployments.process import start_process
 from deployments.metrics import replica_metrics
-from deployments.replica_channel import CALLER_GONE_S, KEEPALIVE_S, ChannelClosed
+from deployments.replica_channel import CALLER_GONE_S, KEEPALIVE_S, ChannelClosed, actor_exists
 from serve_app.autoscaling import IN_FLIGHT, ROUTER_QUEUE
 from serve_app.config import ModelServingArgs
 from serve_app.engine.async_engine import OutputChannel
@@ -59,9 +59,10 @@ class ModelReplica:
         """Nothing: the call itself matters. A Router with requests waiting and no replica known
         makes it through its handle, which is what makes Serve start a replica from zero."""
 
-    async def channel(self, pinned_to: str | None = None):
-        """A stream for one caller: first its channel id, then one list of outputs per
-        (paced) engine step for every request submitted into it. Ends when idle."""
+    async def channel(self, caller: tuple[str, str] | None = None, pinned_to: str | None = None):
+        """A stream for one caller (`caller`: its actor's name and namespace, when it is one):
+        first its channel id, then one list of outputs per (paced) engine step for every request
+        submitted into it. Ends when idle, or when the caller is gone."""
         channel_id = uuid.uuid4().hex
         channel = self._channels[channel_id] = OutputChannel(self.engine)
         self._seen[channel_id] = time.monotonic()
@@ -77,9 +78,12 @@ class ModelReplica:
                     outputs = None
                 # Checked whether or not outputs flow: Serve keeps draining a dead caller's stream.
                 if channel.pending and time.monotonic() - self._seen[channel_id] > CALLER_GONE_S:
-                    logger.warning("channel %s: its caller is silent; stopping its %d sequences",
-                                   channel_id, len(channel.pending))
-                    return
+                    if caller is not None and await asyncio.to_thread(actor_exists, caller):
+                        self._seen[channel_id] = time.monotonic()  # alive; its touches go elsewhere
+                    else:
+                        logger.warning("channel %s: its caller is gone; stopping its %d sequences",
+                                       channel_id, len(channel.pending))
+                        return
                 if outputs:
                     yield outputs
         finally:

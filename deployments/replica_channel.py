@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 
+import ray
+from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.handle import DeploymentHandle
 
 from deployments.detached import call_detached
@@ -16,10 +18,33 @@ from serve_app.engine.pacing import PacedReader
 from serve_app.engine.types import GenerationRequest, coalesce
 
 
-# While it has requests in flight, a caller says it is alive this often; a replica stops the rows of a
-# channel whose caller went silent for CALLER_GONE_S (its process died: nothing else would stop them).
+# While it has requests in flight, a caller says it is alive this often. A replica that has not
+# heard from a caller for CALLER_GONE_S asks Ray whether the caller's actor still exists (touches
+# cannot reach a draining replica: Serve routes new calls elsewhere) and stops the rows of one that
+# died: Serve keeps draining a dead caller's stream, so nothing else would stop them.
 KEEPALIVE_S = 2.0
-CALLER_GONE_S = 5 * KEEPALIVE_S
+CALLER_GONE_S = 3 * KEEPALIVE_S
+
+
+def this_actor() -> tuple[str, str] | None:
+    """(name, namespace) of the Serve replica's actor this code runs in (an ingress), else None."""
+    if not ray.is_initialized():  # (asking would start Ray)
+        return None
+    context = ray.get_runtime_context()
+    name = context.get_actor_name() if context.get_actor_id() else None
+    # Serve's actors live in its own namespace, not the job's (context.namespace).
+    return (name, SERVE_NAMESPACE) if name else None
+
+
+def actor_exists(actor: tuple[str, str]) -> bool:
+    """Whether the named actor is alive (Serve never restarts a replica's actor in place)."""
+    try:
+        ray.get_actor(actor[0], namespace=actor[1])
+    except ValueError:  # no live actor has that name
+        return False
+    except Exception:  # Ray could not answer: do not stop anyone's rows on a doubt
+        return True
+    return True
 
 
 class ChannelClosed(RuntimeError):
@@ -36,7 +61,7 @@ class ReplicaChannel:
         self.inboxes: dict[str, asyncio.Queue] = {}
         self.closed = False
         self._ready = asyncio.Event()
-        self._stream = replicas.options(stream=True).channel.remote(pinned_to=replica_id)
+        self._stream = replicas.options(stream=True).channel.remote(caller=this_actor(), pinned_to=replica_id)
         # Tasks of the process, not of the request that happened to open the channel.
         spawn = contextvars.Context().run
         loop = asyncio.get_running_loop()
