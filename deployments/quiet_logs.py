@@ -12,7 +12,8 @@ import logging
 
 # Handle methods and HTTP routes called on a timer, not by a client's request.
 # `release` too: a cleanup sent outside the request (it carries a fresh id, not the request's).
-ROUTINE_CALLS = frozenset({"queue_length", "ready_replicas", "info", "stats", "abandon", "release"})
+ROUTINE_CALLS = frozenset({"queue_length", "ready_replicas", "info", "stats", "abandon", "release", "renew",
+                           "touch", "wake"})
 ROUTINE_ROUTES = frozenset({"/health", "/live", "/stats"})
 
 

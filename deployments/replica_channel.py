@@ -61,9 +61,10 @@ class ReplicaChannel:
         self.inboxes: dict[str, asyncio.Queue] = {}
         self.closed = False
         self._ready = asyncio.Event()
-        self._stream = replicas.options(stream=True).channel.remote(caller=this_actor(), pinned_to=replica_id)
-        # Tasks of the process, not of the request that happened to open the channel.
+        # The channel, and the tasks reading it, belong to the process, not to the request that
+        # happened to open it (Serve cancels a request's calls with the request).
         spawn = contextvars.Context().run
+        self._stream = spawn(replicas.options(stream=True).channel.remote, caller=this_actor(), pinned_to=replica_id)
         loop = asyncio.get_running_loop()
         self._task = spawn(loop.create_task, self._read())
         self._keepalive = spawn(loop.create_task, self._keep_alive(replicas))
@@ -121,6 +122,11 @@ async def stream_via_channel(channels: dict[str, ReplicaChannel], replicas: Depl
                 channel.inboxes.pop(rid, None)
             if attempt == 2:
                 raise
+        except BaseException:  # cancelled (the caller left) or the replica failed
+            for rid in ids:
+                channel.inboxes.pop(rid, None)
+            call_detached(replicas.cancel, ids, pinned_to=replica_id)  # the submit may have arrived
+            raise
     pending = set(ids)
     try:
         reader = PacedReader(inbox, 0.0)  # everything that arrived, as one batch

@@ -12,10 +12,18 @@ For the model replicas, the Router's process also keeps
 
 from __future__ import annotations
 
+import time
+
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RunningReplica
 
 from deployments import routing_state
+
+
+# How long a call pinned to a replica this handle does not know yet waits for it to appear. The
+# Router may learn of a new replica (scale-up) before this process does; a call sent elsewhere
+# meanwhile would open a channel on the wrong replica.
+PINNED_REPLICA_WAIT_S = 2.0
 
 
 class PinnedReplicaRequestRouter(PowerOfTwoChoicesRequestRouter):
@@ -27,12 +35,14 @@ class PinnedReplicaRequestRouter(PowerOfTwoChoicesRequestRouter):
             pinned = [r for r in candidate_replicas if r.replica_id.unique_id == target]
             if pinned:
                 return [pinned]
-            # The replica is gone (or not yet visible here): any replica will do.
+            if time.time() - pending_request.created_at < PINNED_REPLICA_WAIT_S:
+                pending_request.routing_context.should_backoff = True  # sleep before asking again
+                return []
+            # Still unknown: the replica is gone. Any replica will do.
         return await super().choose_replicas(candidate_replicas, pending_request)
 
 
 class ModelReplicaRequestRouter(PinnedReplicaRequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        routing_state.RUNNING_REPLICAS.clear()
-        routing_state.RUNNING_REPLICAS.update(r.replica_id.unique_id for r in replicas)
+        routing_state.RUNNING_REPLICAS = frozenset(r.replica_id.unique_id for r in replicas)

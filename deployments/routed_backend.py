@@ -152,11 +152,13 @@ class RoutedBackend:
         router_id, lease_id, replica_id = await self._admit(num_sequences)
         self._held[lease_id] = router_id
         self._start_renewing()
-        response = getattr(self._replicas, method).remote(*args, pinned_to=replica_id)
+        response = None
         try:
+            response = getattr(self._replicas, method).remote(*args, pinned_to=replica_id)
             return await response
         except asyncio.CancelledError:
-            response.cancel()  # the caller left (deadline, disconnect): the replica skips what it has not run
+            if response is not None:
+                response.cancel()  # the caller left (deadline, disconnect): the replica skips what it has not run
             raise
         finally:
             self._held.pop(lease_id, None)

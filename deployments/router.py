@@ -15,6 +15,7 @@ It imports no torch and no model code: a router that died is back within seconds
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -60,9 +61,9 @@ class Router:
         self._waking: asyncio.Task | None = None
 
     async def admit(self, num_sequences: int, key: str | None = None,
-                    prefix: tuple[bytes, ...] = ()) -> tuple[str, int | str, str | None]:
-        """Wait in the queue; return (this router's replica id, lease id, model replica id or
-        None = any replica). The lease goes back with `release(lease_id, pinned_to=<router>)`;
+                    prefix: tuple[bytes, ...] = ()) -> tuple[str, int | str, str]:
+        """Wait in the queue (until a model replica is known and has room); return (this
+        router's replica id, lease id, the model replica's id). The lease goes back with `release(lease_id, pinned_to=<router>)`;
         a caller that never got the answer sends `abandon(key)` to every router. `prefix`: the
         prompt's block hashes (placement near its cached prefix)."""
         started = time.monotonic()
@@ -76,7 +77,10 @@ class Router:
     def _wake_replicas(self) -> None:
         """Requests wait and no replica is known: one call that waits for a replica (see ModelReplica.wake)."""
         if self._waking is None or self._waking.done():
-            self._waking = asyncio.get_running_loop().create_task(self._wait_for_a_replica())
+            # In an empty context: Serve cancels a request's pending calls with the request, and
+            # this one belongs to no request (it would inherit the first admit's).
+            self._waking = contextvars.Context().run(asyncio.get_running_loop().create_task,
+                                                     self._wait_for_a_replica())
 
     async def _wait_for_a_replica(self) -> None:
         try:

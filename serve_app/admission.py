@@ -278,7 +278,7 @@ class AdmissionQueue:
     def _admit_round(self, replica: str, free: int) -> None:
         """Admit queued tickets, in order, into this replica's free slots (at least the first)."""
         admitted = 0
-        emptiest = min(self._replicas(), key=lambda r: self.load.get(r, 0))
+        emptiest = min(self._replicas(), key=lambda r: self.load.get(r, 0), default=replica)
         while self._queue and (admitted == 0 or admitted + self._queue[0].size <= min(free, self.max_batch_size)):
             if admitted and self._queue[0].prefix and self._place(self._queue[0])[0] != replica:
                 break  # its prefix is elsewhere: it starts a round of its own

@@ -237,7 +237,7 @@ class AppWideArgs(BaseModel):
         "SERVE_APP_API_KEYS (comma-separated) and api_key_file; any of them turns auth on.")
     api_key_file: str | None = Field(None, description="A file with one accepted API key per line.")
     allowed_hosts: list[str] | None = Field(
-        None, description="Host header values served, others get 400 (`*.x`: subdomains, `<ip>`: any IP, `*`: any "
+        None, min_length=1, description="Host header values served, others get 400 (`*.x`: subdomains, `<ip>`: any IP, `*`: any "
         "host). Unset: any host with API keys; without, localhost, this machine's names and any IP.")
     prefix_cache_salt_by_api_key: bool = Field(
         False, description="Requests made with different API keys never share cached KV blocks (a cache hit "

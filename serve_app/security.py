@@ -81,7 +81,7 @@ def _is_ip(host: str) -> bool:
 def host_allowed(host_header: str | None, allowed: list[str] | None) -> bool:
     """Whether the Host header names this server (no allow-list: any host). In the list, a
     leading "*." matches subdomains and "<ip>" any IP address."""
-    if not allowed:
+    if allowed is None:
         return True
     host = (host_header or "").strip().lower()
     if host.startswith("["):  # [ipv6]:port

@@ -318,6 +318,16 @@ def test_a_keyless_server_answers_only_its_own_names_by_default(host, ok):
     assert allowed_hosts(AppArgs(model=TINY, allowed_hosts=["*"]), api_keys=[]) is None
 
 
+def test_an_empty_host_list_is_refused_at_startup_not_read_as_any_host():
+    from pydantic import ValidationError
+
+    from serve_app.config import AppArgs
+
+    with pytest.raises(ValidationError, match="allowed_hosts"):
+        AppArgs(model=TINY, allowed_hosts=[])
+    assert not host_allowed("attacker.example", ["localhost"]) and host_allowed("attacker.example", None)
+
+
 def test_a_keyless_server_refuses_a_foreign_host(server):
     r = requests.get(f"{server}/v1/models", headers={"Host": "rebound.attacker.example"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"

@@ -62,6 +62,25 @@ async def test_a_silent_stream_keeps_telling_its_replica_it_is_alive(monkeypatch
     assert ("cancel", "replica-a") in replicas.calls  # the caller left: its rows are stopped
 
 
+async def test_a_caller_that_leaves_during_its_submit_cancels_what_may_have_arrived():
+    class SlowSubmit(FakeReplicas):
+        def respond(self, name):
+            if name == "submit":
+                return asyncio.sleep(30)
+            return super().respond(name)
+
+    replicas, channels = SlowSubmit(), {}
+    request = GenerationRequest(request_id="r1", prompt_token_ids=[1, 2, 3])
+    stream = stream_via_channel(channels, replicas, "replica-a", [request])
+    reading = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.2)
+    reading.cancel()  # the client left while its submit was on the wire
+    await asyncio.gather(reading, return_exceptions=True)
+    assert ("cancel", "replica-a") in replicas.calls
+    assert channels["replica-a"].inboxes == {}  # nothing left for the keepalive to report
+    replicas.finish.set()
+
+
 def replica_with_engine(tiny_engine_factory):
     from serve_app.engine.async_engine import AsyncEngine
 
