@@ -51,6 +51,7 @@ class ModelReplica:
         self._router = serve.get_deployment_handle(self.args.router_deployment, context.app_name)
         self._channels: dict[str, OutputChannel] = {}
         self._seen: dict[str, float] = {}  # channel id -> when its caller last showed it is alive
+        self.misrouted = 0  # calls pinned to another replica that reached this one (should stay 0)
         logger.info("replica %s: model %s on %s (assigned GPUs %s, CUDA_VISIBLE_DEVICES=%s), KV cache %d tokens",
                     self.replica_id, self.args.model, self.device, self.gpu_ids or "none",
                     os.environ.get("CUDA_VISIBLE_DEVICES", ""), self.engine.stats()["kv_cache_tokens"])
@@ -63,6 +64,7 @@ class ModelReplica:
         """A stream for one caller (`caller`: its actor's name and namespace, when it is one):
         first its channel id, then one list of outputs per (paced) engine step for every request
         submitted into it. Ends when idle, or when the caller is gone."""
+        self._check_pin(pinned_to)
         channel_id = uuid.uuid4().hex
         channel = self._channels[channel_id] = OutputChannel(self.engine)
         self._seen[channel_id] = time.monotonic()
@@ -98,6 +100,7 @@ class ModelReplica:
 
     async def submit(self, channel_id: str, requests: list[GenerationRequest], pinned_to: str | None = None):
         """Start these requests; their outputs go to the channel."""
+        self._check_pin(pinned_to)
         channel = self._channels.get(channel_id)
         if channel is None:
             raise ChannelClosed(f"channel {channel_id} is closed")
@@ -108,6 +111,11 @@ class ModelReplica:
         """Stop these sequences at the next engine step."""
         self.engine.cancel(request_ids)
 
+    def _check_pin(self, pinned_to: str | None) -> None:
+        if pinned_to is not None and pinned_to != getattr(self, "replica_id", pinned_to):
+            self.misrouted += 1
+            logger.warning("a call pinned to replica %s reached replica %s", pinned_to, self.replica_id)
+
     def info(self) -> dict:
         return {
             "replica_id": self.replica_id,
@@ -115,6 +123,7 @@ class ModelReplica:
             "gpu_ids": self.gpu_ids,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "torch_threads": torch.get_num_threads(),
+            "misrouted_calls": self.misrouted,
             **self.engine.stats(),
         }
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
-from ray.serve.request_router import PendingRequest, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from deployments import routing_state
 
@@ -40,6 +40,12 @@ class PinnedReplicaRequestRouter(PowerOfTwoChoicesRequestRouter):
                 return []
             # Still unknown: the replica is gone. Any replica will do.
         return await super().choose_replicas(candidate_replicas, pending_request)
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        # The replica chosen for a request goes to that request. Serve's FIFO policy would give it
+        # to whichever request waits longest: under concurrent calls, a channel pinned to one
+        # replica was opened on the other.
+        RequestRouter._fulfill_next_pending_request(self, replica, request_metadata)
 
 
 class ModelReplicaRequestRouter(PinnedReplicaRequestRouter):

@@ -2,6 +2,7 @@
 an ingress replica, and count how every request ended."""
 
 import collections
+import concurrent.futures
 import json
 import threading
 import time
@@ -75,6 +76,18 @@ def kill_one(app: str, deployment: str) -> None:
 def wait_until_serving(base: str) -> float:
     return wait_for(lambda: one_request(base, 1) == "ok" and one_request(base, 2) == "ok", RECOVERY_S,
                     "the app serving again")
+
+
+def test_every_call_reaches_the_replica_its_router_chose(chaos_app):
+    """Concurrent requests over two model replicas: each channel and submit lands on the replica
+    the router admitted it to (Serve's FIFO routing used to hand a chosen replica to whichever
+    request had waited longest)."""
+    wait_for(lambda: model_stats(chaos_app)["router"]["replicas"] == 2, 60, "both model replicas")
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        outcomes = list(pool.map(lambda i: one_request(chaos_app, i), range(48)))
+    assert outcomes == ["ok"] * 48, collections.Counter(outcomes)
+    replicas = model_stats(chaos_app, replicas=True)["router"]["replica_info"]
+    assert len(replicas) == 2 and all(r["misrouted_calls"] == 0 for r in replicas), replicas
 
 
 def test_killing_each_part_under_load_loses_no_request(chaos_app):
