@@ -164,12 +164,16 @@ def cmd_status(client: Client, args) -> None:
                              str(r["inputs_embedded"]), f"{r['inputs_per_forward_mean']:.1f}",
                              f"{r['forward_ms_mean']:.0f}", str(r["forwards"])))
         else:
-            rows = [("replica", "device", "GPUs", "running", "waiting", "KV used", "step ms", "steps")]
+            rows = [("replica", "device", "GPUs", "dtype", "running", "waiting", "KV used", "prefix cache hits",
+                     "step ms", "steps")]
             for r in router.get("replica_info", []):
                 kv = 1 - r["kv_cache_free_blocks"] / max(1, r["kv_cache_blocks"])
-                rows.append((r["replica_id"], r["device"], ",".join(r["gpu_ids"]) or "-",
+                hits = f"{r['prefix_cache_hits'] / r['prefix_cache_queries']:.0%}" if r["prefix_cache_queries"] else "-"
+                rows.append((r["replica_id"], r["device"], ",".join(r["gpu_ids"]) or "-", r["dtype"],
                              str(r["running_sequences"]), str(r["engine_sequences"] - r["running_sequences"]),
-                             f"{kv:.0%}", f"{r['engine_step_ms_mean']:.0f}", str(r["engine_steps"])))
+                             f"{kv:.0%}", hits, f"{r['engine_step_ms_mean']:.0f}", str(r["engine_steps"])))
+            for reason in sorted({f"dtype {r['dtype']}: {r['dtype_reason']}" for r in router.get("replica_info", [])}):
+                print(reason)
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))

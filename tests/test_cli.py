@@ -29,6 +29,7 @@ def test_status_lists_replicas_and_devices(server):
     r = cli("--url", server, "status")
     assert r.returncode == 0, r.stderr
     assert "ready" in r.stdout and "replica" in r.stdout and "cpu" in r.stdout
+    assert "prefix cache hits" in r.stdout and "dtype float32: " in r.stdout  # the precision and why
 
 
 def test_errors_are_one_line_without_a_traceback(server):
