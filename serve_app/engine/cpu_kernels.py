@@ -2,9 +2,15 @@
 with ctypes, and used only where they exist. Without a compiler the engine still runs, through
 torch's gather + SDPA path (attention.py).
 
-Why a kernel of our own: torch has no paged attention for the CPU, so decoding rows had their
-KV blocks gathered into padded copies every layer; the copies cost as much as the attention.
-The kernel reads each key and value once, in place.
+Why kernels of our own:
+- paged_attention.c: torch has no paged attention for the CPU, so decoding rows had their KV
+  blocks gathered into padded copies every layer; the copies cost as much as the attention.
+  The kernel reads each key and value once, in place.
+- layer_ops.c: the small float32 operations between a layer's products (residual + RMSNorm,
+  SiLU x up, rotary), fused: at a few rows torch's per-op dispatch cost more than the arithmetic.
+- linear_bf16w.c: matrix products over bfloat16 weights in float32 arithmetic. Where the CPU
+  has no bf16 instructions, torch emulates bf16 products (slower than float32); this kernel
+  reads half float32's bytes and widens them in registers (llama.cpp's BF16 does the same).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from serve_app.engine.precision import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "paged_attention.c"
+KERNELS_DIR = Path(__file__).with_name("kernels")
+SOURCES = [KERNELS_DIR / name for name in ("paged_attention.c", "linear_bf16w.c", "layer_ops.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 KERNELS = {  # (query dtype, cache dtype) -> function
     (torch.float32, torch.float32): "paged_decode_attention_f32_f32",
@@ -41,7 +48,7 @@ def _compile(cc: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
+        subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         built.rename(target)  # atomic: replicas starting together never load half a file
 
@@ -56,8 +63,9 @@ def library() -> ctypes.CDLL | None:
         logger.info("no C compiler: decode attention gathers KV blocks through torch")
         return None
     # One build per source, compiler, flags and CPU: -march=native code must not run elsewhere.
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, *sorted(cpu_flags())]).encode()).hexdigest()
-    target = cache_root() / "kernels" / f"paged_attention-{key[:16]}.so"
+    sources = b"".join(path.read_bytes() for path in sorted(KERNELS_DIR.glob("*.[ch]")))
+    key = hashlib.sha256(sources + " ".join([cc, *FLAGS, *sorted(cpu_flags())]).encode()).hexdigest()
+    target = cache_root() / "kernels" / f"serve_app_kernels-{key[:16]}.so"
     try:
         if not target.exists():
             _compile(cc, target)
@@ -71,6 +79,16 @@ def library() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
             [ctypes.c_int64] * 5 + [ctypes.c_float]
+    lib.packed_bf16w_elements.restype = ctypes.c_int64
+    lib.packed_bf16w_elements.argtypes = [ctypes.c_int64] * 2
+    lib.pack_bf16w.restype = None
+    lib.pack_bf16w.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.linear_f32_bf16w.restype = None
+    lib.linear_f32_bf16w.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.add_rms_norm.restype = lib.silu_mul.restype = lib.rope.restype = None
+    lib.add_rms_norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     return lib
 
 
@@ -90,3 +108,62 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                     block_tables.stride(0), lens.data_ptr(), out.data_ptr(), n, hq, hkv, d, bs, scale)
     if failed:
         raise MemoryError("paged decode attention could not allocate its score buffer")
+
+
+def has_bf16_weight_linear(device: torch.device) -> bool:
+    return device.type == "cpu" and library() is not None
+
+
+class BF16WeightLinear:
+    """x @ W.T (+ b) for float32 x, with W kept in bfloat16 (packed by linear_bf16w.c's layout)."""
+
+    __slots__ = ("bias", "in_features", "out_features", "packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        lib = library()
+        self.out_features, self.in_features = weight.shape
+        weight = weight.detach().contiguous()
+        if weight.dtype not in (torch.float32, torch.bfloat16):
+            weight = weight.float()
+        self.packed = torch.empty(lib.packed_bf16w_elements(*weight.shape), dtype=torch.int16)
+        lib.pack_bf16w(weight.data_ptr(), int(weight.dtype == torch.float32), self.packed.data_ptr(), *weight.shape)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().contiguous()
+        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        with torch.profiler.record_function("linear_f32_bf16w"):  # a ctypes call: named for profiles
+            library().linear_f32_bf16w(x.data_ptr(), self.packed.data_ptr(),
+                                       None if self.bias is None else self.bias.data_ptr(), out.data_ptr(),
+                                       x.shape[0], self.out_features, self.in_features)
+        return out
+
+
+class LayerOps:
+    """layer_ops.c for float32 CPU tensors (all contiguous); see the file for each operation."""
+
+    def __init__(self):
+        self.lib = library()
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+        """x += delta (in place, when given); returns rms_norm(x) * weight."""
+        out = torch.empty_like(x)
+        self.lib.add_rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                              out.data_ptr(), x.shape[0], x.shape[1], eps)
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        rows, width = gate_up.shape
+        out = gate_up.new_empty(rows, width // 2)
+        self.lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
+        return out
+
+    def rope(self, x: torch.Tensor, heads: int, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotates the first `heads` heads of x [T, all heads, D] in place."""
+        self.lib.rope(x.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), x.shape[0], x.shape[1],
+                      heads, x.shape[2])
+
+
+def layer_ops(device: torch.device) -> LayerOps | None:
+    return LayerOps() if device.type == "cpu" and library() is not None else None

@@ -17,8 +17,7 @@ from serve_app.engine.async_engine import AsyncEngine
 from serve_app.engine.batch_engine import BatchEngine
 from serve_app.engine.builtin_models import resolve_model_path
 from serve_app.engine.engine_config import EngineConfig
-from serve_app.engine.loading import context_length, eos_token_ids, load_model, load_tokenizer
-from serve_app.engine.precision import choose_dtype
+from serve_app.engine.loading import context_length, eos_token_ids, load_model, load_tokenizer, model_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def build_engine(args: ModelServingArgs, device: torch.device) -> AsyncEngine:
     """Start an engine thread that loads the model on `device` (see AsyncEngine: the
     thread that steps the model must be the one that loaded it)."""
     def build() -> BatchEngine:
-        dtype, why = choose_dtype(args.dtype, device)
+        dtype, why = model_dtype(args.model, args.dtype, device, args.runner)
         model, tokenizer = load_model(args.model, dtype, device)
         max_model_len = max_model_len_for(args, model.config, tokenizer)
         engine = BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer),

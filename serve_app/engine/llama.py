@@ -7,9 +7,10 @@ by transformers' own rotary module, so every rope type it precomputes is exact).
 every packed token through the layers with no per-module Python, attends over the paged cache
 (attention.py), and computes the LM head only for the rows that sample.
 
-Precision: the weights are in the model's dtype and the matrix products run in it; everything
-between them (the residual stream, norms, rotary, attention, SiLU) is float32, as llama.cpp
-keeps its activations, and so is the LM head. The KV cache has its own dtype
+Precision: the weights are in the model's dtype; everything between the matrix products (the
+residual stream, norms, rotary, attention, SiLU) is float32, as llama.cpp keeps its
+activations. How each product multiplies (float32 over bf16 weights, or natively in bf16) is
+Projection's choice, per device. The KV cache has its own dtype
 (precision.choose_kv_dtype).
 """
 
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from serve_app.engine import cpu_kernels
 from serve_app.engine.attention import paged_attention
+from serve_app.engine.precision import cpu_has_native_bf16
 
 # rope types whose tables do not depend on the sequence length (transformers precomputes them)
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
@@ -47,35 +50,54 @@ def unsupported_reason(config, max_model_len: int) -> str | None:
     return None
 
 
-PACKED_MIN_ROWS = 4  # below this a plain (GEMV) product is faster than the packed one
+PACKED_MIN_ROWS = 4  # below this a plain (GEMV) product is faster than oneDNN's packed one
+NATIVE_BF16_MIN_ROWS = 16  # CPUs with bf16 instructions: oneDNN's bf16 products from here up
 
 
 class Projection:
-    """x @ W.T (+ b). On a CPU with oneDNN, W is also kept packed in oneDNN's blocked layout, used
-    from PACKED_MIN_ROWS rows up: MKL's plain sgemm repacks W on every call, which dominated the
-    products of a decode step (32 rows x SmolLM2's 576 x 3072 gate/up: 1.9 ms plain, 0.6 ms packed,
-    2 cores). The packed copy doubles the weights' memory."""
+    """x @ W.T (+ b) for float32 activations, returning float32, in the fastest way this device
+    has for W's dtype (chosen once per weight):
 
-    __slots__ = ("bias", "packed", "weight")
+    - bfloat16 W on a CPU: our kernel (cpu_kernels.BF16WeightLinear) reads W as bfloat16 and
+      multiplies in float32: half the bytes of float32, float32 arithmetic. Where the CPU has
+      bf16 instructions (AVX512-BF16, AMX), oneDNN's bf16 products (activations rounded to
+      bf16) take over from NATIVE_BF16_MIN_ROWS rows, where arithmetic, not bytes, bounds them;
+      never for `exact_activations` (the LM head: its products decide between near-tied tokens).
+    - float32 W on a CPU with oneDNN: also kept packed in oneDNN's blocked layout, used from
+      PACKED_MIN_ROWS rows up: MKL's plain sgemm repacks W on every call, which dominated the
+      products of a decode step (32 rows x SmolLM2's 576 x 3072 gate/up: 1.9 ms plain, 0.6 ms
+      packed, 2 cores). The packed copy doubles the weights' memory.
+    - otherwise (CUDA, no compiler): torch's product in W's dtype."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+    __slots__ = ("bf16w", "bias", "native_from", "packed", "weight")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, exact_activations: bool = False):
         self.weight = weight.detach().contiguous()
         self.bias = None if bias is None else bias.detach().contiguous()
         self.packed = None
-        if pack:
+        self.bf16w = None
+        self.native_from = PACKED_MIN_ROWS
+        device = self.weight.device
+        if self.weight.dtype == torch.bfloat16 and cpu_kernels.has_bf16_weight_linear(device):
+            self.bf16w = cpu_kernels.BF16WeightLinear(self.weight, self.bias)
+            if exact_activations or not cpu_has_native_bf16():
+                return
+            self.native_from = NATIVE_BF16_MIN_ROWS
+        if device.type == "cpu" and self.weight.dtype in (torch.float32, torch.bfloat16) \
+                and torch.backends.mkldnn.is_available():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
             except (RuntimeError, AttributeError):  # a torch build without oneDNN: plain products
                 self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
-def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+        rows = x.shape[0]
+        if self.bf16w is not None and (self.packed is None or rows < self.native_from):
+            return self.bf16w(x)
+        x = x.to(self.weight.dtype)
+        if self.packed is not None and rows >= self.native_from:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "").float()
+        return F.linear(x, self.weight, self.bias).float()
 
 
 @dataclass
@@ -109,14 +131,20 @@ class LlamaRunner:
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         inner = model.model
-        self.pack = can_pack(self.dtype, self.device)
+        self.ops = cpu_kernels.layer_ops(self.device)  # fused float32 ops between the products (CPU)
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach()
             self.final_norm = inner.norm.weight.detach().float()
-            # The LM head stays float32 whatever the weights' dtype: its products decide between
-            # near-tied tokens. With bf16 weights, a bf16 head flipped 2.7% of SmolLM2's top-1 choices
-            # on tests/data/precision_text.md; a float32 one 1.0% (tests/test_precision.py).
-            self.lm_head = Projection(model.lm_head.weight.float(), None, self.pack)
+            # The LM head's products decide between near-tied tokens, so its activations are never
+            # rounded: with bf16 weights and bf16 activations, the head flipped 2.7% of SmolLM2's
+            # top-1 choices on tests/data/precision_text.md, with float32 ones 1.0%
+            # (tests/test_precision.py). bf16 weights stay bf16 only where our kernel multiplies
+            # them in float32.
+            head = model.lm_head.weight
+            if head.dtype != torch.float32 and not (head.dtype == torch.bfloat16
+                                                     and cpu_kernels.has_bf16_weight_linear(self.device)):
+                head = head.float()
+            self.lm_head = Projection(head, None, exact_activations=True)
             self.layers = [self._layer(layer) for layer in inner.layers]
             self.cos, self.sin = self._rope_tables(inner.rotary_emb, max_model_len)
 
@@ -129,14 +157,14 @@ class LlamaRunner:
         return LayerWeights(
             input_norm=layer.input_layernorm.weight.detach().float(),
             qkv=Projection(_cat(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
-                           _cat(bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj)), self.pack),
-            o=Projection(attn.o_proj.weight, bias(attn.o_proj), self.pack),
+                           _cat(bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj))),
+            o=Projection(attn.o_proj.weight, bias(attn.o_proj)),
             q_norm=attn.q_norm.weight.detach().float() if hasattr(attn, "q_norm") else None,
             k_norm=attn.k_norm.weight.detach().float() if hasattr(attn, "k_norm") else None,
             post_norm=layer.post_attention_layernorm.weight.detach().float(),
             gate_up=Projection(_cat(mlp.gate_proj.weight, mlp.up_proj.weight),
-                               _cat(bias(mlp.gate_proj), bias(mlp.up_proj)), self.pack),
-            down=Projection(mlp.down_proj.weight, bias(mlp.down_proj), self.pack),
+                               _cat(bias(mlp.gate_proj), bias(mlp.up_proj))),
+            down=Projection(mlp.down_proj.weight, bias(mlp.down_proj)),
         )
 
     def _rope_tables(self, rotary, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,37 +174,52 @@ class LlamaRunner:
         cos, sin = rotary(probe, positions)
         return cos[0].float().unsqueeze(1), sin[0].float().unsqueeze(1)
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm in float32 (x is float32): transformers' LlamaRMSNorm, as one op."""
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """x += delta in place (the residual stream), then RMSNorm(x) * weight, all float32:
+        transformers' LlamaRMSNorm."""
+        if self.ops is not None:
+            return self.ops.add_rms_norm(x, delta, weight, self.eps)
+        if delta is not None:
+            x.add_(delta)
         return torch.rms_norm(x, weight.shape, weight, self.eps)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def _rotary(self, qkv: torch.Tensor, w: LayerWeights, positions: torch.Tensor):
+        """(q, k, v) from the fused projection [T, Hq + 2 Hkv, D], with rotary applied to q and k
+        (after Qwen3's per-head norms)."""
+        heads = self.num_heads + self.num_kv_heads
+        if self.ops is not None and w.q_norm is None:
+            self.ops.rope(qkv, heads, positions, self.cos, self.sin)  # in place
+            return qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        qk, v = qkv.split([heads, self.num_kv_heads], dim=1)
+        if w.q_norm is not None:
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((torch.rms_norm(q, w.q_norm.shape, w.q_norm, self.eps),
+                            torch.rms_norm(k, w.k_norm.shape, w.k_norm, self.eps)), dim=1)
+        cos = self.cos.index_select(0, positions)
+        sin = self.sin.index_select(0, positions)
+        half = qk.shape[-1] // 2
+        rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+        q, k = (qk * cos + rotated * sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        return q, k, v
 
     @torch.inference_mode()
     def forward(self, step) -> torch.Tensor:
         """Logits [rows, vocab] (float32) for the step's `logit_rows`."""
         T = step.input_ids.shape[0]
-        dtype = self.dtype
         q_size = self.num_heads * self.head_dim
-        cos = self.cos.index_select(0, step.positions)
-        sin = self.sin.index_select(0, step.positions)
         x = F.embedding(step.input_ids, self.embed).float()  # the residual stream, float32
-        for i, w in enumerate(self.layers):
-            h = self._norm(x, w.input_norm).to(dtype)
-            qkv = w.qkv(h).float().view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-            qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
-            if w.q_norm is not None:
-                q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-                qk = torch.cat((self._norm(q, w.q_norm), self._norm(k, w.k_norm)), dim=1)
-            q, k = self._rotate(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        h = self._add_norm(x, None, self.layers[0].input_norm)
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+        for i, (w, next_norm) in enumerate(zip(self.layers, next_norms)):
+            qkv = w.qkv(h).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            q, k, v = self._rotary(qkv, w, step.positions)
             o = paged_attention(q, k, v, i, step.layout, self.scale)
-            x = x + w.o(o.view(T, q_size).to(dtype)).float()
-            h = self._norm(x, w.post_norm).to(dtype)
-            gate, up = w.gate_up(h).float().chunk(2, dim=-1)
-            x = x + w.down((F.silu(gate) * up).to(dtype)).float()
-        x = x.index_select(0, step.logit_rows)
-        h = self._norm(x, self.final_norm).to(self.lm_head.weight.dtype)
-        return self.lm_head(h).float()
+            h = self._add_norm(x, w.o(o.view(T, q_size)), w.post_norm)
+            h = self._add_norm(x, w.down(self._silu_mul(w.gate_up(h))), next_norm)
+        return self.lm_head(h.index_select(0, step.logit_rows))

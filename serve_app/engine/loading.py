@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from serve_app.engine.builtin_models import resolve_model_path
 from serve_app.engine.precision import choose_dtype
@@ -22,11 +22,17 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(resolve_model_path(model))
 
 
+def model_dtype(model: str, requested: str, device: torch.device, runner: str = "auto") -> tuple[torch.dtype, str]:
+    """(dtype, why) for serving `model` with `dtype: requested` (precision.choose_dtype)."""
+    config = AutoConfig.from_pretrained(resolve_model_path(model)) if requested == "auto" else None
+    return choose_dtype(requested, device, config, runner)
+
+
 def load_model(model: str, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu"):
     """Return (model, tokenizer) for a hub id, a local folder, or a built-in name."""
     device = torch.device(device)
     if isinstance(dtype, str):
-        dtype, _ = choose_dtype(dtype, device)
+        dtype, _ = model_dtype(model, dtype, device)
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")

@@ -2,9 +2,14 @@
 
 bfloat16 halves the bytes every decode step reads and, where the hardware multiplies it
 natively (CUDA; CPUs with AVX512-BF16 or AMX), the matrix products get 2-4x faster. Where it
-is emulated it is slower than float32. So on a CPU, auto takes bfloat16 only when the CPU
-advertises native support and a short measurement at startup confirms the matrix products
-are faster; otherwise float32.
+is emulated, torch's bf16 products are slower than float32; there the native Llama runner
+multiplies bf16 weights in float32 with our compiled kernel (cpu_kernels.BF16WeightLinear):
+half the bytes, float32 arithmetic. On a CPU, auto therefore takes:
+- bfloat16 for a bfloat16 checkpoint (most current models) when that kernel can run it: the
+  weights are exactly the checkpoint's, and every product is float32 or native bf16;
+- for other checkpoints, bfloat16 only when the CPU advertises native support and a short
+  measurement at startup confirms the matrix products are faster (rounding the weights is then
+  worth it); otherwise float32.
 """
 
 from __future__ import annotations
@@ -32,6 +37,29 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_has_native_bf16() -> bool:
+    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+
+
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype the checkpoint's weights were saved in, as its config says (None if unsaid)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = DTYPES.get(value.removeprefix("torch."))
+    return value if isinstance(value, torch.dtype) else None
+
+
+def bf16_weight_kernel_runs(config, runner: str, device: torch.device) -> bool:
+    """Whether bf16 weights of this model would be multiplied by our float32 kernel."""
+    from serve_app.engine import cpu_kernels
+    from serve_app.engine.llama import unsupported_reason
+
+    if config is None or runner == "transformers" or not cpu_kernels.has_bf16_weight_linear(device):
+        return False
+    # the model's full context: conservative for sliding-window models (they then stay float32)
+    return unsupported_reason(config, getattr(config, "max_position_embeddings", 1 << 20)) is None
+
+
 def _matmul_seconds(dtype: torch.dtype, rows: int, size: int = 1024, repeats: int = 5) -> float:
     weight = torch.randn(4 * size, size).to(dtype)
     x = torch.randn(rows, size).to(dtype)
@@ -49,8 +77,8 @@ def bf16_speedup() -> tuple[float, float]:
     return tuple(_matmul_seconds(torch.float32, rows) / _matmul_seconds(torch.bfloat16, rows) for rows in (1, 32))
 
 
-def choose_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
-    """(dtype, why) for `dtype` as configured."""
+def choose_dtype(requested: str, device: torch.device, config=None, runner: str = "auto") -> tuple[torch.dtype, str]:
+    """(dtype, why) for `dtype` as configured; `config` is the model's (transformers) config."""
     if requested != "auto":
         return DTYPES[requested], "configured"
     if device.type == "cuda":
@@ -60,6 +88,12 @@ def choose_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str
     if device.type != "cpu":
         return torch.float32, f"auto: float32 on {device.type}"
     native = [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()]
+    if checkpoint_dtype(config) == torch.bfloat16 and bf16_weight_kernel_runs(config, runner, device):
+        from serve_app.engine.llama import NATIVE_BF16_MIN_ROWS
+
+        how = f"bf16 products on {'+'.join(native)} from {NATIVE_BF16_MIN_ROWS} rows, else float32" if native else \
+            "products in float32 (this CPU has no bf16 instructions)"
+        return torch.bfloat16, f"auto: a bfloat16 checkpoint keeps its weights (half float32's bytes); {how}"
     if not native:
         return torch.float32, "auto: this CPU has no native bfloat16 (no AVX512-BF16 or AMX): float32"
     one, many = bf16_speedup()

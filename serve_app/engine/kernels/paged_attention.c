@@ -15,31 +15,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fast_math.h"
+
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
-}
-
-/* exp for x <= 0 (softmax of scores minus their max), written so that gcc vectorizes the loop
- * around it: a scalar libm expf per score was most of the kernel's time. Cephes' expf:
- * exp(x) = 2^k exp(r), |r| <= ln2/2, degree-6 polynomial; relative error below 2e-7. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float k = floorf(x * 1.44269504088896341f + 0.5f);
-    const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
 }
 
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */

@@ -1,0 +1,99 @@
+"""The compiled CPU kernels of the native runner (serve_app/engine/kernels/*.c) against torch.
+
+- linear_bf16w.c: bfloat16 weights multiplied in float32 must equal a float32 product over the
+  same (bf16-rounded) weights, for every tile height, ragged column blocks and bias;
+- layer_ops.c: residual + RMSNorm, SiLU x up and rotary equal the torch ops the runner uses
+  where the kernels do not exist;
+- end to end: an engine on bf16 weights (the kernel) gives the same greedy tokens as an engine
+  on the same weights widened to float32 (oneDNN/MKL), on the lively model whose greedy output
+  changes from token to token.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serve_app.engine import cpu_kernels
+from serve_app.engine.types import GenerationRequest, SamplingParams
+from tests.conftest import engine_factory
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    if cpu_kernels.library() is None:
+        pytest.fail("the CPU kernels did not build on this machine (gcc is part of its toolchain)")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 11, 12, 13, 40])
+@pytest.mark.parametrize("out_features,in_features,bias", [(96, 64, False), (70, 37, True), (1, 576, True)])
+def test_bf16_weight_linear_equals_a_float32_product(rows, out_features, in_features, bias):
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    b = torch.randn(out_features, generator=gen) if bias else None
+    x = torch.randn(rows, in_features, generator=gen)
+    got = cpu_kernels.BF16WeightLinear(weight, b)(x)
+    want = F.linear(x.double(), weight.double(), None if b is None else b.double()).float()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    # packing float32 weights rounds them to bf16 as torch does
+    torch.testing.assert_close(cpu_kernels.BF16WeightLinear(weight.float(), b)(x), got, atol=0, rtol=0)
+
+
+def test_fused_layer_ops_equal_the_torch_ops():
+    ops = cpu_kernels.layer_ops(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 7, 300):  # 300 x 576 runs the row loop on several threads
+        x = torch.randn(rows, 576, generator=gen)
+        delta = torch.randn(rows, 576, generator=gen)
+        weight = torch.rand(576, generator=gen) + 0.5
+        want_x = x + delta
+        want = torch.rms_norm(want_x, (576,), weight, 1e-5)
+        got = ops.add_rms_norm(x, delta, weight, 1e-5)
+        torch.testing.assert_close(x, want_x)  # the residual is updated in place
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ops.add_rms_norm(x, None, weight, 1e-5), want, atol=1e-5, rtol=1e-5)
+
+        gate_up = torch.randn(rows, 2 * 96, generator=gen) * 8  # large |gate| on both sides
+        gate, up = gate_up.chunk(2, dim=-1)
+        torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+    heads, kv_heads, d, length = 6, 2, 64, 100
+    cos = torch.randn(length, 1, d, generator=gen)
+    sin = torch.randn(length, 1, d, generator=gen)
+    qkv = torch.randn(9, heads + 2 * kv_heads, d, generator=gen)
+    positions = torch.tensor([0, 5, 99, 3, 3, 50, 1, 2, 7])
+    qk, v = qkv[:, :heads + kv_heads], qkv[:, heads + kv_heads:]
+    c, s = cos.index_select(0, positions), sin.index_select(0, positions)
+    want = qk * c + torch.cat((-qk[..., d // 2:], qk[..., :d // 2]), dim=-1) * s
+    want_v = v.clone()
+    ops.rope(qkv, heads + kv_heads, positions, cos, sin)
+    torch.testing.assert_close(qkv[:, :heads + kv_heads], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(qkv[:, heads + kv_heads:], want_v)  # values untouched
+
+
+def test_an_engine_on_bf16_weights_decodes_as_float32_over_the_same_weights(lively_model):
+    model, tokenizer = lively_model
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    widened = copy.deepcopy(bf16).float()
+    engines = {name: engine_factory(m, tokenizer)(runner="native", enable_prefix_caching=False,
+                                                  num_speculative_tokens=0)
+               for name, m in (("bf16", bf16), ("float32", widened))}
+    assert isinstance(engines["bf16"].runner.layers[0].qkv.bf16w, cpu_kernels.BF16WeightLinear)
+    assert engines["float32"].runner.layers[0].qkv.bf16w is None
+    prompts = [tokenizer(text)["input_ids"] for text in
+               ("The quick brown fox", "Ray Serve routes requests", "0123456789 +-*/", "Hello, world! How are")]
+    outputs = {}
+    for name, engine in engines.items():
+        for i, prompt in enumerate(prompts):  # a batch of 4 rows: the tiles of several heights
+            engine.add(GenerationRequest(request_id=str(i), prompt_token_ids=prompt,
+                                         params=SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)))
+        done: dict[str, list[int]] = {}
+        while engine.has_work:
+            for out in engine.step():
+                done.setdefault(out.request_id, []).extend(out.token_ids)
+        outputs[name] = done
+    assert outputs["bf16"] == outputs["float32"]
+    assert len(set(map(tuple, outputs["bf16"].values()))) == len(prompts)
