@@ -150,6 +150,7 @@ VARIANTS = {
     # The plain app deployed again: the baseline of the variants (a redeployed app measured
     # ~20% slower than the first deployment in one run; compare like with like).
     "redeployed": ("serve_app, redeployed", lambda chat: chat),
+    "float32": ("serve_app, float32", lambda chat: {**chat, "dtype": "float32"}),
 }
 
 
