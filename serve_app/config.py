@@ -90,8 +90,10 @@ class ModelArgs(BaseModel):
         "causal LM generates.",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weights and compute. auto: bfloat16 where the device computes it natively (a "
-        "GPU; a CPU with AVX512-BF16 or AMX that a startup check finds faster), else float32.")
+        "auto", description="The weights. auto: bfloat16 on a GPU; on a CPU, a bfloat16 checkpoint (most current "
+        "models, the built-in SmolLM2) stays bfloat16 and is multiplied in float32 by a compiled kernel (or natively "
+        "where the CPU has AVX512-BF16/AMX), other checkpoints bfloat16 only where a startup check finds native bf16 "
+        "faster, else float32. Activations are float32 on CPU either way.")
     kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="The KV cache. auto: the attention's dtype (float32 on CPU). float16/bfloat16 "
         "halve the cache's memory.")
