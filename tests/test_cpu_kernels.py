@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from serve_app.engine import cpu_kernels
 from serve_app.engine.types import GenerationRequest, SamplingParams
-from tests.conftest import engine_factory
+from tests.conftest import engine_factory, random_llama
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,26 +74,39 @@ def test_fused_layer_ops_equal_the_torch_ops():
     assert torch.equal(qkv[:, heads + kv_heads:], want_v)  # values untouched
 
 
-def test_an_engine_on_bf16_weights_decodes_as_float32_over_the_same_weights(lively_model):
-    model, tokenizer = lively_model
+def greedy_outputs(engine, prompts: list[list[int]], max_tokens: int = 24) -> dict[str, list[int]]:
+    for i, prompt in enumerate(prompts):  # one batch: tiles of several heights, prompts beside decodes
+        engine.add(GenerationRequest(request_id=str(i), prompt_token_ids=prompt,
+                                     params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)))
+    done: dict[str, list[int]] = {}
+    while engine.has_work:
+        for out in engine.step():
+            done.setdefault(out.request_id, []).extend(out.token_ids)
+    return done
+
+
+@pytest.mark.parametrize("init,speculative", [(0.3, 0), (0.1, 4)])
+def test_an_engine_on_bf16_weights_decodes_as_float32_over_the_same_weights(lively_model, init, speculative):
+    """The bf16 engine runs the fused forward (llama_forward.c) for its decode steps, drafts and
+    short prompts, and our product kernel elsewhere; the float32 one runs torch's products and
+    SDPA. init 0.3: greedy output that changes from token to token; 0.1: output that loops, so
+    prompt-lookup drafts are checked (causal chunks inside the fused forward)."""
+    _, tokenizer = lively_model
+    model = random_llama(tokenizer, init)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     widened = copy.deepcopy(bf16).float()
     engines = {name: engine_factory(m, tokenizer)(runner="native", enable_prefix_caching=False,
-                                                  num_speculative_tokens=0)
+                                                  num_speculative_tokens=speculative)
                for name, m in (("bf16", bf16), ("float32", widened))}
     assert isinstance(engines["bf16"].runner.layers[0].qkv.bf16w, cpu_kernels.BF16WeightLinear)
     assert engines["float32"].runner.layers[0].qkv.bf16w is None
     prompts = [tokenizer(text)["input_ids"] for text in
                ("The quick brown fox", "Ray Serve routes requests", "0123456789 +-*/", "Hello, world! How are")]
-    outputs = {}
-    for name, engine in engines.items():
-        for i, prompt in enumerate(prompts):  # a batch of 4 rows: the tiles of several heights
-            engine.add(GenerationRequest(request_id=str(i), prompt_token_ids=prompt,
-                                         params=SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)))
-        done: dict[str, list[int]] = {}
-        while engine.has_work:
-            for out in engine.step():
-                done.setdefault(out.request_id, []).extend(out.token_ids)
-        outputs[name] = done
+    prompts.append(tokenizer("a long prompt " * 120)["input_ids"])  # a chunk too long to fuse: SDPA
+    outputs = {name: greedy_outputs(engine, prompts) for name, engine in engines.items()}
     assert outputs["bf16"] == outputs["float32"]
-    assert len(set(map(tuple, outputs["bf16"].values()))) == len(prompts)
+    assert engines["bf16"].runner._fused is not None  # the fused forward ran
+    if speculative:
+        assert engines["bf16"].accepted_draft_tokens > 0
+    else:
+        assert len(set(map(tuple, outputs["bf16"].values()))) == len(prompts)

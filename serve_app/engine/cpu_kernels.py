@@ -11,6 +11,9 @@ Why kernels of our own:
 - linear_bf16w.c: matrix products over bfloat16 weights in float32 arithmetic. Where the CPU
   has no bf16 instructions, torch emulates bf16 products (slower than float32); this kernel
   reads half float32's bytes and widens them in registers (llama.cpp's BF16 does the same).
+- llama_forward.c: a whole Llama forward for steps whose attention is small (decode rows,
+  drafts, short prompts) in one call and one OpenMP region: no Python or fork/join between
+  a layer's operations.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from serve_app.engine.precision import cpu_flags
 logger = logging.getLogger(__name__)
 
 KERNELS_DIR = Path(__file__).with_name("kernels")
-SOURCES = [KERNELS_DIR / name for name in ("paged_attention.c", "linear_bf16w.c", "layer_ops.c")]
+SOURCES = [KERNELS_DIR / name for name in ("paged_attention.c", "linear_bf16w.c", "layer_ops.c", "llama_forward.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 KERNELS = {  # (query dtype, cache dtype) -> function
     (torch.float32, torch.float32): "paged_decode_attention_f32_f32",
@@ -89,6 +92,10 @@ def library() -> ctypes.CDLL | None:
     lib.add_rms_norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+    lib.llama_forward_scratch.restype = ctypes.c_int64
+    lib.llama_forward_scratch.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.llama_forward.restype = ctypes.c_int
+    lib.llama_forward.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
     return lib
 
 
@@ -167,3 +174,57 @@ class LayerOps:
 
 def layer_ops(device: torch.device) -> LayerOps | None:
     return LayerOps() if device.type == "cpu" and library() is not None else None
+
+
+class _LlamaLayer(ctypes.Structure):  # llama_forward.c's LlamaLayer
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "input_norm", "post_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up", "gate_up_bias", "down", "down_bias",
+        "k_cache", "v_cache")]
+
+
+class _LlamaShape(ctypes.Structure):  # llama_forward.c's LlamaShape
+    _fields_ = [(name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim",
+                                                      "intermediate")] + [("eps", ctypes.c_float),
+                                                                          ("scale", ctypes.c_float)]
+
+
+def _ptr(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+class LlamaForward:
+    """llama_forward.c over a LlamaRunner's weights (every product a BF16WeightLinear) and one KV
+    cache (float32). `layers` are the runner's LayerWeights; they and the cache must outlive this."""
+
+    def __init__(self, layers, final_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], *, heads: int, kv_heads: int,
+                 head_dim: int, eps: float, scale: float):
+        self.lib = library()
+        hidden = layers[0].input_norm.shape[0]
+        intermediate = layers[0].down.bf16w.in_features
+        self.shape = _LlamaShape(len(layers), hidden, heads, kv_heads, head_dim, intermediate, eps, scale)
+        self.layers = (_LlamaLayer * len(layers))(*[_LlamaLayer(
+            _ptr(w.input_norm), _ptr(w.post_norm), _ptr(w.qkv.bf16w.packed), _ptr(w.qkv.bf16w.bias),
+            _ptr(w.o.bf16w.packed), _ptr(w.o.bf16w.bias), _ptr(w.gate_up.bf16w.packed), _ptr(w.gate_up.bf16w.bias),
+            _ptr(w.down.bf16w.packed), _ptr(w.down.bf16w.bias), _ptr(k), _ptr(v))
+            for w, k, v in zip(layers, k_caches, v_caches)])
+        self.final_norm, self.cos, self.sin = final_norm, cos, sin
+        self.hidden = hidden
+        self.block_size = k_caches[0].shape[1]
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 tables: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states [T, hidden] of the step's tokens; x [T, hidden] float32
+        (the embeddings) is the residual stream, updated in place. tables [T, W] int64: each
+        token's block table; it attends to its first position + 1 positions."""
+        T = x.shape[0]
+        scratch = torch.empty(self.lib.llama_forward_scratch(ctypes.byref(self.shape), T), dtype=torch.float32)
+        out = torch.empty(T, self.hidden, dtype=torch.float32)
+        with torch.profiler.record_function("llama_forward"):  # a ctypes call: named for profiles
+            failed = self.lib.llama_forward(
+                ctypes.addressof(self.layers), ctypes.addressof(self.shape), self.final_norm.data_ptr(), x.data_ptr(),
+                out.data_ptr(), scratch.data_ptr(), positions.data_ptr(), slots.data_ptr(), tables.data_ptr(),
+                tables.stride(0), self.block_size, self.cos.data_ptr(), self.sin.data_ptr(), T)
+        if failed:
+            raise MemoryError("the fused forward could not allocate its attention buffer")
+        return out

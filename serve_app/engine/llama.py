@@ -16,6 +16,7 @@ Projection's choice, per device. The KV cache has its own dtype
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +148,12 @@ class LlamaRunner:
             self.lm_head = Projection(head, None, exact_activations=True)
             self.layers = [self._layer(layer) for layer in inner.layers]
             self.cos, self.sin = self._rope_tables(inner.rotary_emb, max_model_len)
+        # The fused forward (llama_forward.c) for small steps; SERVE_APP_FUSED_FORWARD=0 turns it off.
+        projections = [p for w in self.layers for p in (w.qkv, w.o, w.gate_up, w.down)]
+        self.fusable = (self.ops is not None and os.environ.get("SERVE_APP_FUSED_FORWARD", "1") != "0"
+                        and all(p.bf16w is not None for p in projections)
+                        and self.layers[0].q_norm is None and self.head_dim % 2 == 0)
+        self._fused: tuple | None = None  # (the KV cache, its LlamaForward)
 
     def _layer(self, layer) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
@@ -208,9 +215,29 @@ class LlamaRunner:
         q, k = (qk * cos + rotated * sin).split([self.num_heads, self.num_kv_heads], dim=1)
         return q, k, v
 
+    def _fused_forward(self, step) -> cpu_kernels.LlamaForward | None:
+        """The whole-model CPU kernel for this step, when it can run it (see llama_forward.c): bf16
+        weights all on our product kernel, no per-head norms, a float32 cache, small attention."""
+        if step.token_tables is None or not self.fusable:
+            return None
+        cache = step.layout.cache
+        if cache.keys[0].dtype != torch.float32 or (cpu_has_native_bf16()
+                                                    and len(step.input_ids) >= NATIVE_BF16_MIN_ROWS):
+            return None
+        if self._fused is None or self._fused[0] is not cache:
+            self._fused = (cache, cpu_kernels.LlamaForward(
+                self.layers, self.final_norm, self.cos, self.sin, cache.keys, cache.values, heads=self.num_heads,
+                kv_heads=self.num_kv_heads, head_dim=self.head_dim, eps=self.eps, scale=self.scale))
+        return self._fused[1]
+
     @torch.inference_mode()
     def forward(self, step) -> torch.Tensor:
         """Logits [rows, vocab] (float32) for the step's `logit_rows`."""
+        fused = self._fused_forward(step)
+        if fused is not None:
+            x = F.embedding(step.input_ids, self.embed).float()
+            h = fused(x, step.positions, step.layout.write_slots, step.token_tables)
+            return self.lm_head(h.index_select(0, step.logit_rows))
         T = step.input_ids.shape[0]
         q_size = self.num_heads * self.head_dim
         x = F.embedding(step.input_ids, self.embed).float()  # the residual stream, float32

@@ -43,6 +43,36 @@ class PackedStep:
     logit_rows: torch.Tensor  # [R]: packed tokens whose logits are needed, in this order:
     sampled: list[Sequence]  # one row per sequence that samples a token this step, then
     num_draft_rows: int  # 1 + k rows per drafted sequence (plan.drafts order)
+    # [T, W] each token's block table, when every token's attention is small enough for the fused
+    # CPU forward (llama_forward.c: token t attends to its table's first positions[t] + 1 slots)
+    token_tables: torch.Tensor | None = None
+
+
+# The fused CPU forward attends token by token (no matrix products), so a prompt chunk of n tokens
+# after p cached ones goes there only while n * (p + n) is at most this: a 128-token prompt, or a
+# draft of 4 after 6,000 positions. Longer chunks attend through SDPA, a layer at a time.
+FUSED_MAX_CHUNK_WORK = 32768
+
+
+def token_tables(cache: KVCache, layout: AttentionLayout, plan: ScheduledStep, num_tokens: int) -> torch.Tensor | None:
+    """Each packed token's block table (pack_step's order: decode rows, prompt chunks, drafts), or
+    None when some chunk's attention is too large for the fused forward."""
+    chunks = [(seq, seq.num_cached, n) for seq, n in plan.prefills] + \
+        [(seq, seq.total_len - 1, 1 + len(draft)) for seq, draft in plan.drafts]
+    if any(n * (past + n) > FUSED_MAX_CHUNK_WORK for _, past, n in chunks):
+        return None
+    parts = [(n, seq.block_table_tensor[:cache.blocks_for(past + n)]) for seq, past, n in chunks]
+    decode_tables = layout.segments[0].block_tables if plan.decodes else None
+    width = max([len(t) for _, t in parts] + ([decode_tables.shape[1]] if decode_tables is not None else []))
+    tables = torch.zeros(num_tokens, width, dtype=torch.long)
+    row = 0
+    if decode_tables is not None:
+        tables[:len(plan.decodes), :decode_tables.shape[1]] = decode_tables
+        row = len(plan.decodes)
+    for n, table in parts:
+        tables[row:row + n, :len(table)] = table
+        row += n
+    return tables
 
 
 def pack_step(plan: ScheduledStep, cache: KVCache, device: torch.device, dtype: torch.dtype) -> PackedStep:
@@ -91,6 +121,7 @@ def pack_step(plan: ScheduledStep, cache: KVCache, device: torch.device, dtype: 
         writes.append(seq.slot_map[past:past + n])
     layout.write_slots = torch.cat(writes)
     return PackedStep(
+        token_tables=token_tables(cache, layout, plan, len(tokens)) if kernel and device.type == "cpu" else None,
         input_ids=torch.tensor(tokens, device=device),
         positions=torch.tensor(positions, device=device),
         layout=layout,

@@ -3,20 +3,21 @@
  * Why: at a few rows a decode step is ~30 layers x ~20 torch ops on vectors of a few hundred
  * floats; each op's dispatch and allocation cost more than its arithmetic (rms_norm alone was
  * 64 us per call, 4 ms of a 35 ms one-row step). Each function here replaces several ops and
- * writes into buffers the caller owns. Rows are spread over torch's OpenMP threads only when
- * there are many (a prefill chunk); a decode step's few rows are not worth a fork.
- * Layouts are contiguous, row-major. */
+ * writes into buffers the caller owns. The *_shared forms are the work of an enclosing parallel
+ * region (llama_forward.c); the others open one only when there are many rows (a prefill chunk):
+ * a decode step's few rows are not worth a fork. Layouts are contiguous, row-major. */
 #include <math.h>
 #include <stdint.h>
 
-#include "fast_math.h"
+#include "common.h"
 
 #define PARALLEL_MIN_ELEMENTS 65536
 
 /* x[M, K] += delta (when not NULL); out = x * rsqrt(mean(x^2) + eps) * weight, row by row
  * (transformers' LlamaRMSNorm in float32). */
-void add_rms_norm(float* x, const float* delta, const float* weight, float* out, int64_t M, int64_t K, float eps) {
-#pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN_ELEMENTS)
+void add_rms_norm_shared(float* x, const float* delta, const float* weight, float* out, int64_t M, int64_t K,
+                         float eps) {
+#pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) {
         float* xm = x + m * K;
         if (delta) {
@@ -34,9 +35,14 @@ void add_rms_norm(float* x, const float* delta, const float* weight, float* out,
     }
 }
 
+void add_rms_norm(float* x, const float* delta, const float* weight, float* out, int64_t M, int64_t K, float eps) {
+#pragma omp parallel if (M * K >= PARALLEL_MIN_ELEMENTS)
+    add_rms_norm_shared(x, delta, weight, out, M, K, eps);
+}
+
 /* gate_up[M, 2I] (gate, then up) -> out[M, I] = silu(gate) * up. */
-void silu_mul(const float* gate_up, float* out, int64_t M, int64_t I) {
-#pragma omp parallel for schedule(static) if (M * I >= PARALLEL_MIN_ELEMENTS)
+void silu_mul_shared(const float* gate_up, float* out, int64_t M, int64_t I) {
+#pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float* g = gate_up + m * 2 * I;
         const float* u = g + I;
@@ -49,24 +55,17 @@ void silu_mul(const float* gate_up, float* out, int64_t M, int64_t I) {
     }
 }
 
+void silu_mul(const float* gate_up, float* out, int64_t M, int64_t I) {
+#pragma omp parallel if (M * I >= PARALLEL_MIN_ELEMENTS)
+    silu_mul_shared(gate_up, out, M, I);
+}
+
 /* Rotary embedding in place on the first H heads of each row of x[T, row_heads, D] (the query
- * and key heads of a fused qkv), at positions[T], with cos/sin tables [positions, D]
- * (transformers' rotate_half convention: pairs are (i, i + D/2)). */
+ * and key heads of a fused qkv), at positions[T], with cos/sin tables [positions, D]. */
 void rope(float* x, const int64_t* positions, const float* cos_table, const float* sin_table, int64_t T,
           int64_t row_heads, int64_t H, int64_t D) {
-    const int64_t half = D / 2;
 #pragma omp parallel for schedule(static) if (T * H * D >= PARALLEL_MIN_ELEMENTS)
-    for (int64_t t = 0; t < T; t++) {
-        const float* c = cos_table + positions[t] * D;
-        const float* s = sin_table + positions[t] * D;
-        for (int64_t h = 0; h < H; h++) {
-            float* v = x + (t * row_heads + h) * D;
-#pragma omp simd
-            for (int64_t i = 0; i < half; i++) {
-                const float a = v[i], b = v[i + half];
-                v[i] = a * c[i] - b * s[i];
-                v[i + half] = b * c[i + half] + a * s[i + half];
-            }
-        }
-    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++)
+            rotate_head(x + (t * row_heads + h) * D, cos_table + positions[t] * D, sin_table + positions[t] * D, D);
 }

@@ -105,11 +105,13 @@ static inline __attribute__((always_inline)) void tile(const float* x, int64_t K
 }
 #endif
 
-/* x [M, K] and out [M, N] contiguous float32; bias [N] float32 or NULL. */
-void linear_f32_bf16w(const float* x, const uint16_t* packed, const float* bias, float* out,
-                      int64_t M, int64_t N, int64_t K) {
+/* The work of one product, shared by the threads of an enclosing parallel region (an orphaned
+ * `omp for`: llama_forward.c calls it inside its own region; alone, one thread does it all).
+ * x [M, K] and out [M, N] contiguous float32; bias [N] float32 or NULL. */
+void linear_bf16w_shared(const float* x, const uint16_t* packed, const float* bias, float* out,
+                         int64_t M, int64_t N, int64_t K) {
     const int64_t blocks = (N + NB - 1) / NB;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const uint16_t* wb = packed + b * K * NB;
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
@@ -124,4 +126,10 @@ void linear_f32_bf16w(const float* x, const uint16_t* packed, const float* bias,
             }
         }
     }
+}
+
+void linear_f32_bf16w(const float* x, const uint16_t* packed, const float* bias, float* out,
+                      int64_t M, int64_t N, int64_t K) {
+#pragma omp parallel
+    linear_bf16w_shared(x, packed, bias, out, M, N, K);
 }

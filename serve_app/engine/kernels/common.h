@@ -1,6 +1,6 @@
-/* Shared by the kernels: a vectorizable exp (libm's scalar expf stops gcc vectorizing a loop). */
-#ifndef SERVE_APP_FAST_MATH_H
-#define SERVE_APP_FAST_MATH_H
+/* Shared by the kernels (static inline: each file gets its own vectorized copy). */
+#ifndef SERVE_APP_KERNELS_COMMON_H
+#define SERVE_APP_KERNELS_COMMON_H
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -23,6 +23,17 @@ static inline float exp_nonpositive(float x) {
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
+}
+
+/* Rotary embedding of one head in place, transformers' rotate_half convention: pairs (i, i + D/2). */
+static inline void rotate_head(float* v, const float* c, const float* s, int64_t D) {
+    const int64_t half = D / 2;
+#pragma omp simd
+    for (int64_t i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i + half] + a * s[i + half];
+    }
 }
 
 #endif

@@ -1,0 +1,160 @@
+/* A whole Llama-family forward over a step's tokens in one call, for CPUs: every layer's norms,
+ * products (bf16 weights, float32 arithmetic: linear_bf16w.c), rotary, KV-cache writes and paged
+ * attention, inside one OpenMP parallel region with a barrier between phases.
+ *
+ * Why: at a few rows, a step of 30 layers x ~12 Python-level operations spent a third of its time
+ * between them (Python, torch dispatch, one OpenMP fork/join per operation); a decode step is then
+ * the weights' bytes and little else, as in llama.cpp's graph runner.
+ *
+ * Which steps: any tokens whose attention is small (decode rows, speculative drafts, short prompt
+ * chunks; model_runner.pack_step decides): each token attends to the first lens[t] positions of its
+ * own block table (a prompt chunk's tokens share one table with growing lengths: causal), after this
+ * layer's keys and values of every token are written. Long prompt chunks go through torch (SDPA).
+ * KV cache float32 [blocks, bs, Hkv, D]; slots index its flattened [blocks * bs] positions.
+ *
+ * Buffers (float32, the caller's): x [T, H] the residual stream (the embeddings in, updated in
+ * place), h_out [T, H] the final-normed hidden states out, scratch of llama_forward_scratch floats. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+/* the work-shared forms of linear_bf16w.c and layer_ops.c */
+void linear_bf16w_shared(const float* x, const uint16_t* packed, const float* bias, float* out,
+                         int64_t M, int64_t N, int64_t K);
+void add_rms_norm_shared(float* x, const float* delta, const float* weight, float* out, int64_t M, int64_t K,
+                         float eps);
+void silu_mul_shared(const float* gate_up, float* out, int64_t M, int64_t I);
+
+typedef struct {
+    const float* input_norm;
+    const float* post_norm;
+    const uint16_t* qkv;
+    const float* qkv_bias;
+    const uint16_t* o;
+    const float* o_bias;
+    const uint16_t* gate_up;
+    const float* gate_up_bias;
+    const uint16_t* down;
+    const float* down_bias;
+    float* k_cache;
+    float* v_cache;
+} LlamaLayer;
+
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, scale;
+} LlamaShape;
+
+int64_t llama_forward_scratch(const LlamaShape* s, int64_t T) {
+    const int64_t qkv = (s->heads + 2 * s->kv_heads) * s->head_dim;
+    return T * (s->hidden + qkv + s->heads * s->head_dim + s->hidden + 2 * s->intermediate + s->intermediate);
+}
+
+int llama_forward(const LlamaLayer* layers, const LlamaShape* shape, const float* final_norm, float* x,
+                  float* h_out, float* scratch, const int64_t* positions, const int64_t* slots,
+                  const int64_t* tables, int64_t table_stride, int64_t block_size, const float* cos_table,
+                  const float* sin_table, int64_t T) {
+    const int64_t H = shape->hidden, Hq = shape->heads, Hkv = shape->kv_heads, D = shape->head_dim;
+    const int64_t I = shape->intermediate, G = Hq / Hkv, row_heads = Hq + 2 * Hkv;
+    const float eps = shape->eps, scale = shape->scale;
+    float* h = scratch;
+    float* qkv = h + T * H;
+    float* attn = qkv + T * row_heads * D;
+    float* proj = attn + T * Hq * D;  /* o's and down's outputs: the next residual delta */
+    float* gate_up = proj + T * H;
+    float* act = gate_up + T * 2 * I;
+    int64_t max_len = 0;
+    for (int64_t t = 0; t < T; t++) max_len = positions[t] + 1 > max_len ? positions[t] + 1 : max_len;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float* work = (float*)malloc(sizeof(float) * (size_t)(G * max_len + G * D));
+        if (!work) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            for (int64_t l = 0; l < shape->layers; l++) {
+                const LlamaLayer* w = layers + l;
+                add_rms_norm_shared(x, l ? proj : NULL, w->input_norm, h, T, H, eps);
+                linear_bf16w_shared(h, w->qkv, w->qkv_bias, qkv, T, row_heads * D, H);
+                /* rotary on q and k, then this layer's keys and values into the cache */
+#pragma omp for schedule(static)
+                for (int64_t t = 0; t < T; t++) {
+                    const float* c = cos_table + positions[t] * D;
+                    const float* s = sin_table + positions[t] * D;
+                    float* row = qkv + t * row_heads * D;
+                    for (int64_t hh = 0; hh < Hq + Hkv; hh++) rotate_head(row + hh * D, c, s, D);
+                    memcpy(w->k_cache + slots[t] * Hkv * D, row + Hq * D, sizeof(float) * (size_t)(Hkv * D));
+                    memcpy(w->v_cache + slots[t] * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * (size_t)(Hkv * D));
+                }
+                /* attention: token t, KV head kh, with the G query heads that share it */
+#pragma omp for collapse(2) schedule(dynamic, 1)
+                for (int64_t t = 0; t < T; t++) {
+                    for (int64_t kh = 0; kh < Hkv; kh++) {
+                        const int64_t L = positions[t] + 1;
+                        const int64_t* table = tables + t * table_stride;
+                        const float* q = qkv + t * row_heads * D + kh * G * D;
+                        float* scores = work;
+                        float* acc = work + G * max_len;
+                        float mx[G], sum[G];
+                        for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;
+                        for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+                            const int64_t span = L - t0 < block_size ? L - t0 : block_size;
+                            const float* kb = w->k_cache + (table[t0 / block_size] * block_size * Hkv + kh) * D;
+                            for (int64_t o = 0; o < span; o++) {
+                                const float* k = kb + o * Hkv * D;
+                                for (int64_t g = 0; g < G; g++) {
+                                    const float* qg = q + g * D;
+                                    float dot = 0.f;
+#pragma omp simd reduction(+:dot)
+                                    for (int64_t d = 0; d < D; d++) dot += qg[d] * k[d];
+                                    dot *= scale;
+                                    scores[g * L + t0 + o] = dot;
+                                    if (dot > mx[g]) mx[g] = dot;
+                                }
+                            }
+                        }
+                        for (int64_t g = 0; g < G; g++) {
+                            float* sg = scores + g * L;
+                            const float m = mx[g];
+                            float total = 0.f;
+#pragma omp simd reduction(+:total)
+                            for (int64_t i = 0; i < L; i++) { sg[i] = exp_nonpositive(sg[i] - m); total += sg[i]; }
+                            sum[g] = total;
+                        }
+                        memset(acc, 0, sizeof(float) * (size_t)(G * D));
+                        for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+                            const int64_t span = L - t0 < block_size ? L - t0 : block_size;
+                            const float* vb = w->v_cache + (table[t0 / block_size] * block_size * Hkv + kh) * D;
+                            for (int64_t o = 0; o < span; o++) {
+                                const float* v = vb + o * Hkv * D;
+                                for (int64_t g = 0; g < G; g++) {
+                                    const float p = scores[g * L + t0 + o];
+                                    float* ag = acc + g * D;
+#pragma omp simd
+                                    for (int64_t d = 0; d < D; d++) ag[d] += p * v[d];
+                                }
+                            }
+                        }
+                        float* out = attn + (t * Hq + kh * G) * D;
+                        for (int64_t g = 0; g < G; g++)
+                            for (int64_t d = 0; d < D; d++) out[g * D + d] = acc[g * D + d] / sum[g];
+                    }
+                }
+                linear_bf16w_shared(attn, w->o, w->o_bias, proj, T, H, Hq * D);
+                add_rms_norm_shared(x, proj, w->post_norm, h, T, H, eps);
+                linear_bf16w_shared(h, w->gate_up, w->gate_up_bias, gate_up, T, 2 * I, H);
+                silu_mul_shared(gate_up, act, T, I);
+                linear_bf16w_shared(act, w->down, w->down_bias, proj, T, H, I);
+            }
+            add_rms_norm_shared(x, shape->layers ? proj : NULL, final_norm, h_out, T, H, eps);
+        }
+        free(work);
+    }
+    return failed;
+}
