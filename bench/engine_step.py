@@ -7,7 +7,9 @@ Prints median step times in ms and each variant's speed-up over the first.
     .venv/bin/python -m bench.engine_step --variants native:float32 native:bfloat16 --rounds 6
     .venv/bin/python -m bench.engine_step --profile                # per-op profile of a 32-row decode step
 
-A variant is RUNNER:DTYPE (RUNNER: native | transformers; DTYPE: float32 | bfloat16 | auto).
+A variant is RUNNER:DTYPE (RUNNER: native | native-unfused | transformers; DTYPE: float32 |
+bfloat16 | auto). native-unfused is the native runner without its fused CPU forward
+(llama_forward.c), layer by layer through torch and our product kernel.
 Prefix caching is off: every round computes its prompts.
 """
 
@@ -32,9 +34,14 @@ STEPS = ("decode, 1 row", "decode, 8 rows", "decode, 32 rows", "prefill, 2000 to
 def make_engine(model_name: str, variant: str) -> BatchEngine:
     runner, dtype = variant.split(":")
     model, tokenizer = load_model(model_name, dtype, "cpu")
-    args = ModelServingArgs(model=model_name, runner=runner, enable_prefix_caching=False, num_speculative_tokens=0,
-                   kv_cache_tokens=16384)
-    return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), engine_config(args, "cpu", 4096))
+    unfused = runner == "native-unfused"
+    args = ModelServingArgs(model=model_name, runner="native" if unfused else runner, enable_prefix_caching=False,
+                            num_speculative_tokens=0, kv_cache_tokens=16384)
+    os.environ["SERVE_APP_FUSED_FORWARD"] = "0" if unfused else "1"  # read when the runner is built
+    try:
+        return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), engine_config(args, "cpu", 4096))
+    finally:
+        os.environ.pop("SERVE_APP_FUSED_FORWARD")
 
 
 def request(request_id: str, prompt: list[int], max_tokens: int) -> GenerationRequest:

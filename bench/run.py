@@ -131,7 +131,13 @@ def offline_limit(model_name: str, workload: Workload, batch_size: int, n: int, 
     from bench.baselines.offline import offline_throughput, prefill_latency
     from serve_app.engine.loading import load_model
 
+    from serve_app.engine.precision import cpu_has_native_bf16
+
     torch.set_num_threads(threads)
+    if dtype == "auto" and not cpu_has_native_bf16():
+        # auto may keep a bf16 checkpoint in bf16, which only our runner multiplies fast on such a
+        # CPU; transformers' own generate is fastest in float32 there.
+        dtype = "float32"
     model, tokenizer = load_model(model_name, dtype)
     prompts = [p for p, _ in workload.requests(n)]
     result = offline_throughput(model, tokenizer, prompts, batch_size, workload.output_tokens)
@@ -286,6 +292,7 @@ def main() -> None:
                    help="weights and activations, for the server, the offline limit and the naive server alike")
     p.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="ModelArgs.num_speculative_tokens (0 = no speculative decoding)")
+    p.add_argument("--stream-interval-s", type=float, default=None, help="the app's stream_interval_s")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--no-metrics", action="store_true", help="serve with metrics: false (measures their cost)")
     p.add_argument("--with-transformers-serve", action="store_true",
@@ -323,6 +330,8 @@ def main() -> None:
         server_args["num_speculative_tokens"] = a.num_speculative_tokens
     if a.dtype != "auto":
         server_args["dtype"] = a.dtype
+    if a.stream_interval_s is not None:
+        server_args["stream_interval_s"] = a.stream_interval_s
     print(f"benchmark: {a.model}, server args {server_args}", flush=True)
     if a.with_llama_cpp:  # before any measurement: a first run builds llama-server (all cores, minutes)
         from bench.baselines.llama_cpp import ensure_llama_server

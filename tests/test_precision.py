@@ -1,8 +1,11 @@
 """What 16-bit storage costs in accuracy, on the real built-in chat model: a fixed ~2,000-token
-text, teacher-forced through the engine's own packed forward, compared with float32 everywhere.
+text, teacher-forced through the engine's own packed forward, compared with float32 everywhere
+(the built-in checkpoint is bfloat16, so the reference is its weights widened to float32).
 
-- float32 compute with a float16 KV cache (the CPU default: half the bytes attention reads);
-- bfloat16 weights, compute and KV cache (what `dtype: auto` picks where bfloat16 is native).
+- float32 weights with a float16 KV cache (half the bytes attention reads);
+- bfloat16 weights (what `dtype: auto` serves a bf16 checkpoint with: on a CPU without bf16
+  instructions our kernel multiplies them in float32; with them, oneDNN's bf16 products from 16
+  rows), with a float16 or a bfloat16 KV cache.
 
 Targets (issue 18): top-1 agreement with float32 >= 98%, perplexity within 1%, and the
 log-probability of each actual next token close to float32's.
