@@ -85,25 +85,34 @@ def greedy_outputs(engine, prompts: list[list[int]], max_tokens: int = 24) -> di
     return done
 
 
-@pytest.mark.parametrize("init,speculative", [(0.3, 0), (0.1, 4)])
-def test_an_engine_on_bf16_weights_decodes_as_float32_over_the_same_weights(lively_model, init, speculative):
+@pytest.mark.parametrize("init,speculative,prefix_cache", [(0.3, 0, False), (0.1, 4, False), (0.3, 0, True)])
+def test_an_engine_on_bf16_weights_decodes_as_float32_over_the_same_weights(lively_model, init, speculative,
+                                                                            prefix_cache):
     """The bf16 engine runs the fused forward (llama_forward.c) for its decode steps, drafts and
     short prompts, and our product kernel elsewhere; the float32 one runs torch's products and
-    SDPA. init 0.3: greedy output that changes from token to token; 0.1: output that loops, so
-    prompt-lookup drafts are checked (causal chunks inside the fused forward)."""
+    SDPA, without a prefix cache. init 0.3: greedy output that changes from token to token; 0.1:
+    output that loops, so prompt-lookup drafts are checked (causal chunks inside the fused
+    forward); prefix_cache: prompts sharing their first blocks read them from the cache."""
     _, tokenizer = lively_model
     model = random_llama(tokenizer, init)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     widened = copy.deepcopy(bf16).float()
-    engines = {name: engine_factory(m, tokenizer)(runner="native", enable_prefix_caching=False,
+    engines = {name: engine_factory(m, tokenizer)(runner="native", enable_prefix_caching=cache,
                                                   num_speculative_tokens=speculative)
-               for name, m in (("bf16", bf16), ("float32", widened))}
+               for name, m, cache in (("bf16", bf16, prefix_cache), ("float32", widened, False))}
     assert isinstance(engines["bf16"].runner.layers[0].qkv.bf16w, cpu_kernels.BF16WeightLinear)
     assert engines["float32"].runner.layers[0].qkv.bf16w is None
     prompts = [tokenizer(text)["input_ids"] for text in
                ("The quick brown fox", "Ray Serve routes requests", "0123456789 +-*/", "Hello, world! How are")]
     prompts.append(tokenizer("a long prompt " * 120)["input_ids"])  # a chunk too long to fuse: SDPA
+    if prefix_cache:  # the same 48-token start, then different ends
+        shared = tokenizer("Ray Serve routes requests to replicas that run a language model. " * 4)["input_ids"][:48]
+        prompts += [shared + p for p in prompts[:3]]
     outputs = {name: greedy_outputs(engine, prompts) for name, engine in engines.items()}
+    if prefix_cache:  # and once more, now that the shared blocks are computed and cached
+        outputs = {name: {**outputs[name], **{f"again-{k}": v for k, v in greedy_outputs(engine, prompts[-3:]).items()}}
+                   for name, engine in engines.items()}
+        assert engines["bf16"].blocks.num_cached_blocks > 0
     assert outputs["bf16"] == outputs["float32"]
     assert engines["bf16"].runner._fused is not None  # the fused forward ran
     if speculative:
