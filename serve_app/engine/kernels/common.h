@@ -36,4 +36,93 @@ static inline void rotate_head(float* v, const float* c, const float* s, int64_t
     }
 }
 
+/* Attention of one query token's G heads (q [G, D]) over the first L positions of a block table
+ * in a float32 cache [blocks, bs, Hkv, D], at KV head kh: out [G, D] = softmax(q k * scale) v.
+ * scores holds G * L floats. Softmax in two passes over the stored scores (exact, max subtracted).
+ * AVX-512 keeps q and the output in registers (D up to 256); elsewhere plain loops. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define ATTEND_MAX_CHUNKS 16
+#define ATTEND_FAST(D) ((D) % 16 == 0 && (D) <= 16 * ATTEND_MAX_CHUNKS)
+#else
+#define ATTEND_FAST(D) 0
+#endif
+
+static inline void attend_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* table,
+                              int64_t L, int64_t bs, int64_t Hkv, int64_t kh, int64_t G, int64_t D, float scale,
+                              float* scores, float* out) {
+    const int64_t row = Hkv * D;
+    for (int64_t g = 0; g < G; g++) {
+        const float* qg = q + g * D;
+        float* sg = scores + g * L;
+        float* og = out + g * D;
+        float mx = -INFINITY;
+#if defined(__AVX512F__)
+        const int64_t chunks = D / 16;
+        __m512 qv[ATTEND_MAX_CHUNKS];
+        if (ATTEND_FAST(D))
+            for (int64_t c = 0; c < chunks; c++) qv[c] = _mm512_loadu_ps(qg + c * 16);
+#endif
+        for (int64_t t0 = 0; t0 < L; t0 += bs) {
+            const int64_t span = L - t0 < bs ? L - t0 : bs;
+            const float* kb = k_cache + (table[t0 / bs] * bs * Hkv + kh) * D;
+            for (int64_t o = 0; o < span; o++) {
+                const float* k = kb + o * row;
+                float dot = 0.f;
+#if defined(__AVX512F__)
+                if (ATTEND_FAST(D)) {
+                    __m512 a0 = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k)), a1 = _mm512_setzero_ps();
+                    for (int64_t c = 1; c + 1 < chunks; c += 2) {
+                        a1 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + c * 16), a1);
+                        a0 = _mm512_fmadd_ps(qv[c + 1], _mm512_loadu_ps(k + c * 16 + 16), a0);
+                    }
+                    if (chunks % 2 == 0) a1 = _mm512_fmadd_ps(qv[chunks - 1], _mm512_loadu_ps(k + (chunks - 1) * 16), a1);
+                    dot = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+                } else
+#endif
+                {
+#pragma omp simd reduction(+:dot)
+                    for (int64_t d = 0; d < D; d++) dot += qg[d] * k[d];
+                }
+                dot *= scale;
+                sg[t0 + o] = dot;
+                mx = dot > mx ? dot : mx;
+            }
+        }
+        float total = 0.f;
+#pragma omp simd reduction(+:total)
+        for (int64_t i = 0; i < L; i++) { sg[i] = exp_nonpositive(sg[i] - mx); total += sg[i]; }
+        const float inv = 1.f / total;
+#if defined(__AVX512F__)
+        if (ATTEND_FAST(D)) {
+            __m512 acc[ATTEND_MAX_CHUNKS];
+            for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
+            for (int64_t t0 = 0; t0 < L; t0 += bs) {
+                const int64_t span = L - t0 < bs ? L - t0 : bs;
+                const float* vb = v_cache + (table[t0 / bs] * bs * Hkv + kh) * D;
+                for (int64_t o = 0; o < span; o++) {
+                    const float* v = vb + o * row;
+                    const __m512 p = _mm512_set1_ps(sg[t0 + o]);
+                    for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + c * 16), acc[c]);
+                }
+            }
+            for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(og + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+            continue;
+        }
+#endif
+        memset(og, 0, sizeof(float) * (size_t)D);
+        for (int64_t t0 = 0; t0 < L; t0 += bs) {
+            const int64_t span = L - t0 < bs ? L - t0 : bs;
+            const float* vb = v_cache + (table[t0 / bs] * bs * Hkv + kh) * D;
+            for (int64_t o = 0; o < span; o++) {
+                const float* v = vb + o * row;
+                const float p = sg[t0 + o];
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) og[d] += p * v[d];
+            }
+        }
+        for (int64_t d = 0; d < D; d++) og[d] *= inv;
+    }
+}
+
 #endif

@@ -71,7 +71,7 @@ int llama_forward(const LlamaLayer* layers, const LlamaShape* shape, const float
     int failed = 0;
 #pragma omp parallel
     {
-        float* work = (float*)malloc(sizeof(float) * (size_t)(G * max_len + G * D));
+        float* work = (float*)malloc(sizeof(float) * (size_t)(G * max_len));  /* attention scores */
         if (!work) {
 #pragma omp atomic write
             failed = 1;
@@ -94,58 +94,11 @@ int llama_forward(const LlamaLayer* layers, const LlamaShape* shape, const float
                 }
                 /* attention: token t, KV head kh, with the G query heads that share it */
 #pragma omp for collapse(2) schedule(dynamic, 1)
-                for (int64_t t = 0; t < T; t++) {
-                    for (int64_t kh = 0; kh < Hkv; kh++) {
-                        const int64_t L = positions[t] + 1;
-                        const int64_t* table = tables + t * table_stride;
-                        const float* q = qkv + t * row_heads * D + kh * G * D;
-                        float* scores = work;
-                        float* acc = work + G * max_len;
-                        float mx[G], sum[G];
-                        for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;
-                        for (int64_t t0 = 0; t0 < L; t0 += block_size) {
-                            const int64_t span = L - t0 < block_size ? L - t0 : block_size;
-                            const float* kb = w->k_cache + (table[t0 / block_size] * block_size * Hkv + kh) * D;
-                            for (int64_t o = 0; o < span; o++) {
-                                const float* k = kb + o * Hkv * D;
-                                for (int64_t g = 0; g < G; g++) {
-                                    const float* qg = q + g * D;
-                                    float dot = 0.f;
-#pragma omp simd reduction(+:dot)
-                                    for (int64_t d = 0; d < D; d++) dot += qg[d] * k[d];
-                                    dot *= scale;
-                                    scores[g * L + t0 + o] = dot;
-                                    if (dot > mx[g]) mx[g] = dot;
-                                }
-                            }
-                        }
-                        for (int64_t g = 0; g < G; g++) {
-                            float* sg = scores + g * L;
-                            const float m = mx[g];
-                            float total = 0.f;
-#pragma omp simd reduction(+:total)
-                            for (int64_t i = 0; i < L; i++) { sg[i] = exp_nonpositive(sg[i] - m); total += sg[i]; }
-                            sum[g] = total;
-                        }
-                        memset(acc, 0, sizeof(float) * (size_t)(G * D));
-                        for (int64_t t0 = 0; t0 < L; t0 += block_size) {
-                            const int64_t span = L - t0 < block_size ? L - t0 : block_size;
-                            const float* vb = w->v_cache + (table[t0 / block_size] * block_size * Hkv + kh) * D;
-                            for (int64_t o = 0; o < span; o++) {
-                                const float* v = vb + o * Hkv * D;
-                                for (int64_t g = 0; g < G; g++) {
-                                    const float p = scores[g * L + t0 + o];
-                                    float* ag = acc + g * D;
-#pragma omp simd
-                                    for (int64_t d = 0; d < D; d++) ag[d] += p * v[d];
-                                }
-                            }
-                        }
-                        float* out = attn + (t * Hq + kh * G) * D;
-                        for (int64_t g = 0; g < G; g++)
-                            for (int64_t d = 0; d < D; d++) out[g * D + d] = acc[g * D + d] / sum[g];
-                    }
-                }
+                for (int64_t t = 0; t < T; t++)
+                    for (int64_t kh = 0; kh < Hkv; kh++)
+                        attend_f32(qkv + (t * row_heads + kh * G) * D, w->k_cache, w->v_cache, tables + t * table_stride,
+                                   positions[t] + 1, block_size, Hkv, kh, G, D, scale, work,
+                                   attn + (t * Hq + kh * G) * D);
                 linear_bf16w_shared(attn, w->o, w->o_bias, proj, T, H, Hq * D);
                 add_rms_norm_shared(x, proj, w->post_norm, h, T, H, eps);
                 linear_bf16w_shared(h, w->gate_up, w->gate_up_bias, gate_up, T, 2 * I, H);
