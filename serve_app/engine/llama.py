@@ -82,6 +82,7 @@ class Projection:
         if self.weight.dtype == torch.bfloat16 and cpu_kernels.has_bf16_weight_linear(device):
             self.bf16w = cpu_kernels.BF16WeightLinear(self.weight, self.bias)
             if exact_activations or not cpu_has_native_bf16():
+                self.weight = None  # only the packed copy is read: free a fused (q/k/v, gate/up) matrix
                 return
             self.native_from = NATIVE_BF16_MIN_ROWS
         if device.type == "cpu" and self.weight.dtype in (torch.float32, torch.bfloat16) \
