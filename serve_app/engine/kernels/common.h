@@ -5,6 +5,22 @@
 #include <stdint.h>
 #include <string.h>
 
+/* bfloat16 <-> float32 (a bf16 is the top half of a float32). */
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 64);  /* NaN */
+    bits += 0x7fff + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
 /* exp for x <= 0 (softmax of scores minus their max), written so that gcc vectorizes the loop
  * around it: a scalar libm expf per score was most of the kernel's time. Cephes' expf:
  * exp(x) = 2^k exp(r), |r| <= ln2/2, degree-6 polynomial; relative error below 2e-7. */

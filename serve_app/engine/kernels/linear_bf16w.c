@@ -17,24 +17,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "common.h"
+
 #define NB 32  /* output columns per block: two AVX-512 vectors */
 #define MR 12  /* rows per tile: 24 accumulators + 2 weight vectors + 1 broadcast fit 32 registers */
 #define PREFETCH 64  /* rows of a block ahead (4 KB): 1.2-1.3x at one row on a 2-core VM */
 
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 64); /* NaN */
-    bits += 0x7fff + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float widen1(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
 
 int64_t packed_bf16w_elements(int64_t N, int64_t K) { return (N + NB - 1) / NB * NB * K; }
 
@@ -48,7 +36,7 @@ void pack_bf16w(const void* w, int src_is_f32, uint16_t* packed, int64_t N, int6
                 const int64_t n = b * NB + j;
                 uint16_t v = 0;
                 if (n < N)
-                    v = src_is_f32 ? to_bf16(((const float*)w)[n * K + k]) : ((const uint16_t*)w)[n * K + k];
+                    v = src_is_f32 ? f32_to_bf16(((const float*)w)[n * K + k]) : ((const uint16_t*)w)[n * K + k];
                 packed[(b * K + k) * NB + j] = v;
             }
 }
@@ -93,7 +81,7 @@ static inline __attribute__((always_inline)) void tile(const float* x, int64_t K
         for (int j = 0; j < NB; j++) acc[m][j] = 0.f;
     for (int64_t k = 0; k < K; k++) {
         float w[NB];
-        for (int j = 0; j < NB; j++) w[j] = widen1(wb[k * NB + j]);
+        for (int j = 0; j < NB; j++) w[j] = bf16_to_f32(wb[k * NB + j]);
         for (int m = 0; m < mr; m++) {
             const float xv = x[m * K + k];
             for (int j = 0; j < NB; j++) acc[m][j] += xv * w[j];
