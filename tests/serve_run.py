@@ -25,8 +25,12 @@ def serve_run(config: dict, workdir: Path, base: str, verify=True, timeout_s: fl
     serve_bin = Path(sys.executable).with_name("serve")
     # Its own cluster, like a user's first run, with the settings `make serve` uses.
     env = ray_env.apply({**os.environ, "RAY_ADDRESS": "local"})
+    # Its output goes to a file: an undrained pipe fills (64 KB) and blocks `serve run` mid-log,
+    # so it could neither finish starting nor exit on SIGINT.
+    log_path = workdir / "serve_run.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout_s  # a first start converts the GGUF weights once (~30 s)
     try:
         while True:
@@ -36,7 +40,7 @@ def serve_run(config: dict, workdir: Path, base: str, verify=True, timeout_s: fl
             except requests.RequestException:  # proxy not up, or up before the app
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"serve run did not come up:\n{proc.stdout.read()[-4000:]}")
+                pytest.fail(f"serve run did not come up:\n{log_path.read_text()[-4000:]}")
             time.sleep(1)
         yield proc
     finally:
@@ -45,3 +49,4 @@ def serve_run(config: dict, workdir: Path, base: str, verify=True, timeout_s: fl
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
