@@ -130,7 +130,6 @@ def offline_limit(model_name: str, workload: Workload, batch_size: int, n: int, 
 
     from bench.baselines.offline import offline_throughput, prefill_latency
     from serve_app.engine.loading import load_model
-
     from serve_app.engine.precision import cpu_has_native_bf16
 
     torch.set_num_threads(threads)

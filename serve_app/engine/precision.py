@@ -14,6 +14,7 @@ half the bytes, float32 arithmetic. On a CPU, auto therefore takes:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -27,14 +28,15 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 MIN_SPEEDUP = 1.15  # below this the measurement is within noise of a tie: keep float32's accuracy
 
 
-def cpu_flags() -> set[str]:
+@functools.cache  # a property of the machine; the fused forward asks on every step
+def cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def cpu_has_native_bf16() -> bool:

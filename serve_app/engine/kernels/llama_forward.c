@@ -7,9 +7,9 @@
  * the weights' bytes and little else, as in llama.cpp's graph runner.
  *
  * Which steps: any tokens whose attention is small (decode rows, speculative drafts, short prompt
- * chunks; model_runner.pack_step decides): each token attends to the first lens[t] positions of its
- * own block table (a prompt chunk's tokens share one table with growing lengths: causal), after this
- * layer's keys and values of every token are written. Long prompt chunks go through torch (SDPA).
+ * chunks; model_runner.pack_step decides): token t attends to the first positions[t] + 1 slots of
+ * its own block table (a prompt chunk's tokens share one table with growing positions: causal),
+ * after this layer's keys and values of every token are written. Long prompt chunks go through torch (SDPA).
  * KV cache float32 [blocks, bs, Hkv, D]; slots index its flattened [blocks * bs] positions.
  *
  * Buffers (float32, the caller's): x [T, H] the residual stream (the embeddings in, updated in
