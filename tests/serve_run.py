@@ -46,7 +46,11 @@ def serve_run(config: dict, workdir: Path, base: str, verify=True, timeout_s: fl
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
-            proc.wait(timeout=60)
+            # Usually 8-16 s. Ray's `serve.shutdown()` sometimes waits its full 30 s on a retried
+            # graceful_shutdown of the controller that already stopped everything (the log ends
+            # "Task ServeController.graceful_shutdown failed ... will be retried"): not worth waiting
+            # for. Ray's processes share this group and die with it.
+            proc.wait(timeout=25)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
