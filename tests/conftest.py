@@ -56,14 +56,14 @@ def tiny_model():
     return load_model(TINY)
 
 
-def random_llama(tokenizer, initializer_range: float):
+def random_llama(tokenizer, initializer_range: float, intermediate_size: int = 128):
     """A 2-layer random Llama over `tokenizer` (4 heads, 2 KV heads); its init scale decides how
     its greedy output behaves (see lively_model and test_speculation's looping model)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         initializer_range=initializer_range,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -4,6 +4,9 @@
   same (bf16-rounded) weights, for every tile height, ragged column blocks and bias;
 - layer_ops.c: residual + RMSNorm, SiLU x up and rotary equal the torch ops the runner uses
   where the kernels do not exist;
+- paged_attention.c (common.h's attend_f32): decode attention over scattered blocks equals
+  softmax attention over the gathered keys and values, for a few rows (a task per row and KV
+  head) and many (a task per row);
 - end to end: an engine on bf16 weights (the kernel) gives the same greedy tokens as an engine
   on the same weights widened to float32 (oneDNN/MKL), on the lively model whose greedy output
   changes from token to token.
@@ -74,6 +77,25 @@ def test_fused_layer_ops_equal_the_torch_ops():
     assert torch.equal(qkv[:, heads + kv_heads:], want_v)  # values untouched
 
 
+@pytest.mark.parametrize("rows", [3, 12])
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: not a multiple of 16, the plain loops
+def test_paged_decode_attention_equals_attention_over_gathered_blocks(rows, head_dim):
+    gen = torch.Generator().manual_seed(rows)
+    heads, kv_heads, bs, blocks = 6, 2, 16, 64
+    k_cache = torch.randn(blocks, bs, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(blocks, bs, kv_heads, head_dim, generator=gen)
+    lens = torch.randint(1, 6 * bs, (rows,), generator=gen)
+    tables = torch.stack([torch.randperm(blocks, generator=gen)[:6] for _ in range(rows)])  # scattered blocks
+    q = torch.randn(rows, heads, head_dim, generator=gen)
+    out = torch.empty_like(q)
+    cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, out, head_dim ** -0.5)
+    for n in range(rows):
+        keys = k_cache[tables[n]].reshape(-1, kv_heads, head_dim)[:lens[n]].repeat_interleave(heads // kv_heads, 1)
+        values = v_cache[tables[n]].reshape(-1, kv_heads, head_dim)[:lens[n]].repeat_interleave(heads // kv_heads, 1)
+        weights = (torch.einsum("hd,lhd->hl", q[n], keys) * head_dim ** -0.5).softmax(-1)
+        torch.testing.assert_close(out[n], torch.einsum("hl,lhd->hd", weights, values), atol=1e-5, rtol=1e-5)
+
+
 def greedy_outputs(engine, prompts: list[list[int]], max_tokens: int = 24) -> dict[str, list[int]]:
     for i, prompt in enumerate(prompts):  # one batch: tiles of several heights, prompts beside decodes
         engine.add(GenerationRequest(request_id=str(i), prompt_token_ids=prompt,
@@ -85,16 +107,19 @@ def greedy_outputs(engine, prompts: list[list[int]], max_tokens: int = 24) -> di
     return done
 
 
-@pytest.mark.parametrize("init,speculative,prefix_cache", [(0.3, 0, False), (0.1, 4, False), (0.3, 0, True)])
+@pytest.mark.parametrize("init,speculative,prefix_cache,intermediate",
+                         [(0.3, 0, False, 128), (0.1, 4, False, 128), (0.3, 0, True, 128), (0.3, 0, False, 80)])
 def test_an_engine_on_bf16_weights_decodes_as_float32_over_the_same_weights(lively_model, init, speculative,
-                                                                            prefix_cache):
+                                                                            prefix_cache, intermediate):
     """The bf16 engine runs the fused forward (llama_forward.c) for its decode steps, drafts and
     short prompts, and our product kernel elsewhere; the float32 one runs torch's products and
     SDPA, without a prefix cache. init 0.3: greedy output that changes from token to token; 0.1:
     output that loops, so prompt-lookup drafts are checked (causal chunks inside the fused
-    forward); prefix_cache: prompts sharing their first blocks read them from the cache."""
+    forward); prefix_cache: prompts sharing their first blocks read them from the cache;
+    intermediate 80 (not a multiple of the 32-column block): the MLP's product and activation
+    as two passes instead of one."""
     _, tokenizer = lively_model
-    model = random_llama(tokenizer, init)
+    model = random_llama(tokenizer, init, intermediate)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     widened = copy.deepcopy(bf16).float()
     engines = {name: engine_factory(m, tokenizer)(runner="native", enable_prefix_caching=cache,

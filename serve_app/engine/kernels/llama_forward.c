@@ -27,6 +27,8 @@ void linear_bf16w_shared(const float* x, const uint16_t* packed, const float* bi
 void add_rms_norm_shared(float* x, const float* delta, const float* weight, float* out, int64_t M, int64_t K,
                          float eps);
 void silu_mul_shared(const float* gate_up, float* out, int64_t M, int64_t I);
+void linear_bf16w_gated_shared(const float* x, const uint16_t* packed, const float* bias, float* gate_up,
+                               float* act, int64_t M, int64_t I, int64_t K);
 
 typedef struct {
     const float* input_norm;
@@ -93,16 +95,27 @@ int llama_forward(const LlamaLayer* layers, const LlamaShape* shape, const float
                     memcpy(w->v_cache + slots[t] * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * (size_t)(Hkv * D));
                 }
                 /* attention: token t, KV head kh, with the G query heads that share it */
+#define ATTEND(t, kh) attend_f32(qkv + ((t) * row_heads + (kh) * G) * D, w->k_cache, w->v_cache, \
+                                 tables + (t) * table_stride, positions[t] + 1, block_size, Hkv, kh, G, D, scale, \
+                                 work, attn + ((t) * Hq + (kh) * G) * D)
+                if (T >= ATTEND_ROWS_MIN) {
+#pragma omp for schedule(dynamic, 1)
+                    for (int64_t t = 0; t < T; t++)
+                        for (int64_t kh = 0; kh < Hkv; kh++) ATTEND(t, kh);
+                } else {
 #pragma omp for collapse(2) schedule(dynamic, 1)
-                for (int64_t t = 0; t < T; t++)
-                    for (int64_t kh = 0; kh < Hkv; kh++)
-                        attend_f32(qkv + (t * row_heads + kh * G) * D, w->k_cache, w->v_cache, tables + t * table_stride,
-                                   positions[t] + 1, block_size, Hkv, kh, G, D, scale, work,
-                                   attn + (t * Hq + kh * G) * D);
+                    for (int64_t t = 0; t < T; t++)
+                        for (int64_t kh = 0; kh < Hkv; kh++) ATTEND(t, kh);
+                }
+#undef ATTEND
                 linear_bf16w_shared(attn, w->o, w->o_bias, proj, T, H, Hq * D);
                 add_rms_norm_shared(x, proj, w->post_norm, h, T, H, eps);
-                linear_bf16w_shared(h, w->gate_up, w->gate_up_bias, gate_up, T, 2 * I, H);
-                silu_mul_shared(gate_up, act, T, I);
+                if (I % 32 == 0) {  /* linear_bf16w.c's block width */
+                    linear_bf16w_gated_shared(h, w->gate_up, w->gate_up_bias, gate_up, act, T, I, H);
+                } else {
+                    linear_bf16w_shared(h, w->gate_up, w->gate_up_bias, gate_up, T, 2 * I, H);
+                    silu_mul_shared(gate_up, act, T, I);
+                }
                 linear_bf16w_shared(act, w->down, w->down_bias, proj, T, H, I);
             }
             add_rms_norm_shared(x, shape->layers ? proj : NULL, final_norm, h_out, T, H, eps);

@@ -107,12 +107,20 @@ int paged_decode_attention_f32_f32(const float* q, const float* k_cache, const f
 #pragma omp atomic write
             failed = 1;
         }
+#define ATTEND(n, h) attend_f32(q + ((n) * Hq + (h) * G) * D, k_cache, v_cache, block_tables + (n) * bt_stride, \
+                               lens[n], bs, Hkv, h, G, D, scale, scores, out + ((n) * Hq + (h) * G) * D)
+        if (N >= ATTEND_ROWS_MIN) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t h = 0; h < Hkv; h++)
+                    if (scores) ATTEND(n, h);
+        } else {
 #pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int64_t n = 0; n < N; n++)
-            for (int64_t h = 0; h < Hkv; h++)
-                if (scores)
-                    attend_f32(q + (n * Hq + h * G) * D, k_cache, v_cache, block_tables + n * bt_stride, lens[n], bs,
-                               Hkv, h, G, D, scale, scores, out + (n * Hq + h * G) * D);
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t h = 0; h < Hkv; h++)
+                    if (scores) ATTEND(n, h);
+        }
+#undef ATTEND
         free(scores);
     }
     return failed;
