@@ -8,10 +8,10 @@ as the row's next token (k + 1 query tokens over its cached past), draws a token
 position as decoding one at a time would (greedy: the argmax), and keeps the draft while it
 matches those draws, plus the first draw that did not: the same tokens (greedy) or the same
 distribution (sampled) as one per step, in fewer steps. On a CPU at batch 1 the forward is
-bound by reading the weights: 2 or 3 tokens cost 1.06x / 1.13x one token, 4 and 5 tokens 1.5x /
-1.75x (MKL's matrix product leaves its matrix-vector path at 4 rows; SmolLM2-135M, 2 cores:
-39.2, 41.6, 44.2, 59.7, 68.6 ms). A fully kept draft of 4 still wins (5 tokens for 1.75x), so
-drafts shrink as soon as part of one is rejected (Sequence.record_draft).
+bound by reading the weights: with the fused bf16 forward, 2, 3, 4 and 5 tokens cost 1.0x,
+1.2x, 1.2x and 1.3x one token (SmolLM2-135M, 2 cores: 15.4, 15.6, 18.4, 18.3, 20.4 ms per
+step). A fully kept draft of 4 wins (5 tokens for 1.3x); drafts shrink as soon as part of one
+is rejected (Sequence.record_draft).
 """
 
 from __future__ import annotations
