@@ -156,6 +156,7 @@ VARIANTS = {
     # ~20% slower than the first deployment in one run; compare like with like).
     "redeployed": ("serve_app, redeployed", lambda chat: chat),
     "float32": ("serve_app, float32", lambda chat: {**chat, "dtype": "float32"}),
+    "kv-float32": ("serve_app, float32 KV cache", lambda chat: {**chat, "kv_cache_dtype": "float32"}),
 }
 
 

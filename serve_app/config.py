@@ -95,8 +95,9 @@ class ModelArgs(BaseModel):
         "where the CPU has AVX512-BF16/AMX), other checkpoints bfloat16 only where a startup check finds native bf16 "
         "faster, else float32. Activations are float32 on CPU either way.")
     kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="The KV cache. auto: the attention's dtype (float32 on CPU). float16/bfloat16 "
-        "halve the cache's memory.")
+        "auto", description="The KV cache. auto: on CPU float16 when the weights are 16-bit (decode attention "
+        "reads half the bytes), float32 for float32 weights; on GPU the attention's dtype. float16/bfloat16 halve "
+        "the cache's memory.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU Ray assigned, else CPU.")
     max_model_len: int | None = Field(
         None, gt=0, description="Context limit for prompt + completion; for an embedding model, tokens of one "

@@ -4,9 +4,9 @@
   same (bf16-rounded) weights, for every tile height, ragged column blocks and bias;
 - layer_ops.c: residual + RMSNorm, SiLU x up and rotary equal the torch ops the runner uses
   where the kernels do not exist;
-- paged_attention.c (common.h's attend_f32): decode attention over scattered blocks equals
-  softmax attention over the gathered keys and values, for a few rows (a task per row and KV
-  head) and many (a task per row);
+- paged_attention.c (common.h's attend_f32/_f16): decode attention over scattered blocks equals
+  softmax attention over the gathered keys and values (float32 or float16 cache), for a few rows
+  (a task per row and KV head) and many (a task per row);
 - end to end: an engine on bf16 weights (the kernel) gives the same greedy tokens as an engine
   on the same weights widened to float32 (oneDNN/MKL), on the lively model whose greedy output
   changes from token to token.
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from serve_app.engine import cpu_kernels
+from serve_app.engine.precision import choose_kv_dtype
 from serve_app.engine.types import GenerationRequest, SamplingParams
 from tests.conftest import engine_factory, random_llama
 
@@ -79,21 +80,30 @@ def test_fused_layer_ops_equal_the_torch_ops():
 
 @pytest.mark.parametrize("rows", [3, 12])
 @pytest.mark.parametrize("head_dim", [64, 24])  # 24: not a multiple of 16, the plain loops
-def test_paged_decode_attention_equals_attention_over_gathered_blocks(rows, head_dim):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_paged_decode_attention_equals_attention_over_gathered_blocks(rows, head_dim, cache_dtype):
     gen = torch.Generator().manual_seed(rows)
     heads, kv_heads, bs, blocks = 6, 2, 16, 64
-    k_cache = torch.randn(blocks, bs, kv_heads, head_dim, generator=gen)
-    v_cache = torch.randn(blocks, bs, kv_heads, head_dim, generator=gen)
+    k_cache = torch.randn(blocks, bs, kv_heads, head_dim, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(blocks, bs, kv_heads, head_dim, generator=gen).to(cache_dtype)
     lens = torch.randint(1, 6 * bs, (rows,), generator=gen)
     tables = torch.stack([torch.randperm(blocks, generator=gen)[:6] for _ in range(rows)])  # scattered blocks
     q = torch.randn(rows, heads, head_dim, generator=gen)
     out = torch.empty_like(q)
     cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, out, head_dim ** -0.5)
     for n in range(rows):
-        keys = k_cache[tables[n]].reshape(-1, kv_heads, head_dim)[:lens[n]].repeat_interleave(heads // kv_heads, 1)
-        values = v_cache[tables[n]].reshape(-1, kv_heads, head_dim)[:lens[n]].repeat_interleave(heads // kv_heads, 1)
+        keys = k_cache[tables[n]].float().reshape(-1, kv_heads, head_dim)[:lens[n]].repeat_interleave(heads // kv_heads, 1)
+        values = v_cache[tables[n]].float().reshape(-1, kv_heads, head_dim)[:lens[n]].repeat_interleave(heads // kv_heads, 1)
         weights = (torch.einsum("hd,lhd->hl", q[n], keys) * head_dim ** -0.5).softmax(-1)
         torch.testing.assert_close(out[n], torch.einsum("hl,lhd->hd", weights, values), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_kv_cache_is_float16_for_16_bit_weights_on_cpu_and_float32_for_float32_weights():
+    cpu = torch.device("cpu")
+    assert choose_kv_dtype("auto", torch.float32, cpu, torch.bfloat16)[0] == torch.float16
+    assert choose_kv_dtype("auto", torch.float32, cpu, torch.float32)[0] == torch.float32
+    assert choose_kv_dtype("bfloat16", torch.float32, cpu, torch.bfloat16) == (torch.bfloat16, "configured")
+    assert choose_kv_dtype("auto", torch.bfloat16, torch.device("cuda"), torch.bfloat16)[0] == torch.bfloat16
 
 
 def greedy_outputs(engine, prompts: list[list[int]], max_tokens: int = 24) -> dict[str, list[int]]:
@@ -107,23 +117,25 @@ def greedy_outputs(engine, prompts: list[list[int]], max_tokens: int = 24) -> di
     return done
 
 
-@pytest.mark.parametrize("init,speculative,prefix_cache,intermediate",
-                         [(0.3, 0, False, 128), (0.1, 4, False, 128), (0.3, 0, True, 128), (0.3, 0, False, 80)])
+@pytest.mark.parametrize("init,speculative,prefix_cache,intermediate,kv", [
+    (0.3, 0, False, 128, "float32"), (0.1, 4, False, 128, "float32"), (0.3, 0, True, 128, "float32"),
+    (0.3, 0, False, 80, "float32"), (0.3, 0, False, 128, "float16"), (0.1, 4, True, 128, "float16")])
 def test_an_engine_on_bf16_weights_decodes_as_float32_over_the_same_weights(lively_model, init, speculative,
-                                                                            prefix_cache, intermediate):
+                                                                            prefix_cache, intermediate, kv):
     """The bf16 engine runs the fused forward (llama_forward.c) for its decode steps, drafts and
     short prompts, and our product kernel elsewhere; the float32 one runs torch's products and
     SDPA, without a prefix cache. init 0.3: greedy output that changes from token to token; 0.1:
     output that loops, so prompt-lookup drafts are checked (causal chunks inside the fused
     forward); prefix_cache: prompts sharing their first blocks read them from the cache;
     intermediate 80 (not a multiple of the 32-column block): the MLP's product and activation
-    as two passes instead of one."""
+    as two passes instead of one; kv: both engines' cache (float16: the fused forward's
+    conversions and attention against torch's and the float16 decode kernel's)."""
     _, tokenizer = lively_model
     model = random_llama(tokenizer, init, intermediate)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     widened = copy.deepcopy(bf16).float()
     engines = {name: engine_factory(m, tokenizer)(runner="native", enable_prefix_caching=cache,
-                                                  num_speculative_tokens=speculative)
+                                                  num_speculative_tokens=speculative, kv_cache_dtype=kv)
                for name, m, cache in (("bf16", bf16, prefix_cache), ("float32", widened, False))}
     assert isinstance(engines["bf16"].runner.layers[0].qkv.bf16w, cpu_kernels.BF16WeightLinear)
     assert engines["float32"].runner.layers[0].qkv.bf16w is None
@@ -140,6 +152,7 @@ def test_an_engine_on_bf16_weights_decodes_as_float32_over_the_same_weights(live
         assert engines["bf16"].blocks.num_cached_blocks > 0
     assert outputs["bf16"] == outputs["float32"]
     assert engines["bf16"].runner._fused is not None  # the fused forward ran
+    assert engines["bf16"].kv.keys[0].dtype == engines["float32"].kv.keys[0].dtype == getattr(torch, kv)
     if speculative:
         assert engines["bf16"].accepted_draft_tokens > 0
     else:

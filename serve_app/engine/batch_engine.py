@@ -47,7 +47,7 @@ class BatchEngine:
         self.max_batch_size = config.max_num_seqs
         self.max_model_len = config.max_model_len
         self.kv_dtype, self.kv_dtype_reason = choose_kv_dtype(config.kv_cache_dtype, self.runner.attention_dtype,
-                                                              self.device)
+                                                              self.device, self.dtype)
         self.kv = KVCache.for_model(self.runner.config, config.kv_cache_tokens, config.block_size, self.kv_dtype,
                                     self.device)
         self.blocks = BlockManager(self.kv.num_blocks, config.block_size, config.enable_prefix_caching, self.device)

@@ -184,7 +184,7 @@ class _LlamaLayer(ctypes.Structure):  # llama_forward.c's LlamaLayer
 
 class _LlamaShape(ctypes.Structure):  # llama_forward.c's LlamaShape
     _fields_ = [(name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim",
-                                                      "intermediate")] + [("eps", ctypes.c_float),
+                                                      "intermediate", "kv_f16")] + [("eps", ctypes.c_float),
                                                                           ("scale", ctypes.c_float)]
 
 
@@ -194,7 +194,8 @@ def _ptr(tensor: torch.Tensor | None) -> int | None:
 
 class LlamaForward:
     """llama_forward.c over a LlamaRunner's weights (every product a BF16WeightLinear) and one KV
-    cache (float32). `layers` are the runner's LayerWeights; they and the cache must outlive this."""
+    cache (float32 or float16). `layers` are the runner's LayerWeights; they and the cache must
+    outlive this."""
 
     def __init__(self, layers, final_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], *, heads: int, kv_heads: int,
@@ -202,7 +203,8 @@ class LlamaForward:
         self.lib = library()
         hidden = layers[0].input_norm.shape[0]
         intermediate = layers[0].down.bf16w.in_features
-        self.shape = _LlamaShape(len(layers), hidden, heads, kv_heads, head_dim, intermediate, eps, scale)
+        kv_f16 = int(k_caches[0].dtype == torch.float16)
+        self.shape = _LlamaShape(len(layers), hidden, heads, kv_heads, head_dim, intermediate, kv_f16, eps, scale)
         self.layers = (_LlamaLayer * len(layers))(*[_LlamaLayer(
             _ptr(w.input_norm), _ptr(w.post_norm), _ptr(w.qkv.bf16w.packed), _ptr(w.qkv.bf16w.bias),
             _ptr(w.o.bf16w.packed), _ptr(w.o.bf16w.bias), _ptr(w.gate_up.bf16w.packed), _ptr(w.gate_up.bf16w.bias),

@@ -218,11 +218,12 @@ class LlamaRunner:
 
     def _fused_forward(self, step) -> cpu_kernels.LlamaForward | None:
         """The whole-model CPU kernel for this step, when it can run it (see llama_forward.c): bf16
-        weights all on our product kernel, no per-head norms, a float32 cache, small attention."""
+        weights all on our product kernel, no per-head norms, a float32 or float16 cache, small
+        attention."""
         if step.token_tables is None or not self.fusable:
             return None
         cache = step.layout.cache
-        if cache.keys[0].dtype != torch.float32 or (cpu_has_native_bf16()
+        if cache.keys[0].dtype not in (torch.float32, torch.float16) or (cpu_has_native_bf16()
                                                     and len(step.input_ids) >= NATIVE_BF16_MIN_ROWS):
             return None
         if self._fused is None or self._fused[0] is not cache:

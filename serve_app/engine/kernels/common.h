@@ -59,25 +59,30 @@ static inline void rotate_head(float* v, const float* c, const float* s, int64_t
 }
 
 /* Attention of one query token's G heads (q [G, D]) over the first L positions of a block table
- * in a float32 cache [blocks, bs, Hkv, D], at KV head kh: out [G, D] = softmax(q k * scale) v.
+ * in a cache [blocks, bs, Hkv, D] of float32 (attend_f32) or float16 (attend_f16: half the bytes,
+ * widened in registers), at KV head kh: out [G, D] = softmax(q k * scale) v, float32 throughout.
  * scores holds G * L floats. Softmax in two passes over the stored scores (exact, max subtracted).
  * AVX-512 keeps q's products and the output in registers (D up to 256); elsewhere plain loops. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define ATTEND_MAX_CHUNKS 16
 #define ATTEND_FAST(D) ((D) % 16 == 0 && (D) <= 16 * ATTEND_MAX_CHUNKS)
+#define LOAD16_F32(p) _mm512_loadu_ps(p)
+#define LOAD16_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p)))
 #else
 #define ATTEND_FAST(D) 0
 #endif
+#define TO_F32_F32(x) (x)
+#define TO_F32_F16(x) ((float)(x))
 
 /* Rows of a block table are scattered in memory (a block of bs positions here, the next anywhere),
  * so the hardware prefetcher cannot follow them: the loops below fetch rows this far ahead. */
 #define PREFETCH_ROWS 16
-static inline void prefetch_row(const float* row, int64_t D) {
+static inline void prefetch_bytes(const void* row, int64_t bytes) {
 #if defined(__AVX512F__)
-    for (int64_t c = 0; c < D; c += 16) _mm_prefetch((const char*)(row + c), _MM_HINT_T0);
+    for (int64_t c = 0; c < bytes; c += 64) _mm_prefetch((const char*)row + c, _MM_HINT_T0);
 #else
-    (void)row; (void)D;
+    (void)row; (void)bytes;
 #endif
 }
 
@@ -86,87 +91,102 @@ static inline void prefetch_row(const float* row, int64_t D) {
  * the threads busy. */
 #define ATTEND_ROWS_MIN 8
 
-/* The key (or value) row of position p of a block table, at KV head kh. */
-static inline const float* cache_row(const float* cache, const int64_t* table, int64_t p, int64_t bs, int64_t Hkv,
-                                     int64_t kh, int64_t D) {
-    return cache + ((table[p / bs] * bs + p % bs) * Hkv + kh) * D;
+/* One attend_<SUFFIX> for a cache of element type T: LOAD16 widens 16 elements to an __m512,
+ * TO_F32 one element to a float. */
+#define DEFINE_ATTEND(SUFFIX, T, LOAD16, TO_F32)                                                             \
+static inline const T* cache_row_##SUFFIX(const T* cache, const int64_t* table, int64_t p, int64_t bs,       \
+                                          int64_t Hkv, int64_t kh, int64_t D) {                              \
+    return cache + ((table[p / bs] * bs + p % bs) * Hkv + kh) * D;                                           \
+}                                                                                                            \
+                                                                                                             \
+/* og [D] = softmax(sg [L], whose max is mx) @ values; the scores become probabilities. */                   \
+static inline void attend_values_##SUFFIX(float* sg, float mx, const T* v_cache, const int64_t* table,       \
+                                          int64_t L, int64_t bs, int64_t Hkv, int64_t kh, int64_t D,          \
+                                          float* og) {                                                       \
+    const int64_t row = Hkv * D;                                                                             \
+    float total = 0.f;                                                                                       \
+    _Pragma("omp simd reduction(+:total)")                                                                   \
+    for (int64_t i = 0; i < L; i++) { sg[i] = exp_nonpositive(sg[i] - mx); total += sg[i]; }                 \
+    const float inv = 1.f / total;                                                                           \
+    ATTEND_VALUES_FAST(T, LOAD16)                                                                            \
+    memset(og, 0, sizeof(float) * (size_t)D);                                                                \
+    for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
+        const int64_t span = L - t0 < bs ? L - t0 : bs;                                                      \
+        const T* vb = v_cache + (table[t0 / bs] * bs * Hkv + kh) * D;                                        \
+        for (int64_t o = 0; o < span; o++) {                                                                 \
+            const T* v = vb + o * row;                                                                       \
+            const float p = sg[t0 + o];                                                                      \
+            _Pragma("omp simd")                                                                              \
+            for (int64_t d = 0; d < D; d++) og[d] += p * TO_F32(v[d]);                                       \
+        }                                                                                                    \
+    }                                                                                                        \
+    for (int64_t d = 0; d < D; d++) og[d] *= inv;                                                            \
+}                                                                                                            \
+                                                                                                             \
+static inline void attend_##SUFFIX(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, \
+                                   int64_t L, int64_t bs, int64_t Hkv, int64_t kh, int64_t G, int64_t D,      \
+                                   float scale, float* scores, float* out) {                                 \
+    for (int64_t g = 0; g < G; g++) {                                                                        \
+        const float* qg = q + g * D;                                                                         \
+        float* sg = scores + g * L;                                                                          \
+        float mx = -INFINITY;                                                                                \
+        for (int64_t p = 0; p < L; p++) {                                                                    \
+            const T* k = cache_row_##SUFFIX(k_cache, table, p, bs, Hkv, kh, D);                              \
+            float dot = 0.f;                                                                                 \
+            ATTEND_DOT_FAST(SUFFIX, LOAD16)                                                                  \
+            {                                                                                                \
+                _Pragma("omp simd reduction(+:dot)")                                                         \
+                for (int64_t d = 0; d < D; d++) dot += qg[d] * TO_F32(k[d]);                                 \
+            }                                                                                                \
+            dot *= scale;                                                                                    \
+            sg[p] = dot;                                                                                     \
+            mx = dot > mx ? dot : mx;                                                                        \
+        }                                                                                                    \
+        attend_values_##SUFFIX(sg, mx, v_cache, table, L, bs, Hkv, kh, D, out + g * D);                      \
+    }                                                                                                        \
 }
 
-/* out [D] = softmax(scores [L], whose max is mx) @ values; the scores become probabilities. */
-static inline void attend_values(float* sg, float mx, const float* v_cache, const int64_t* table, int64_t L,
-                                 int64_t bs, int64_t Hkv, int64_t kh, int64_t D, float* og) {
-    const int64_t row = Hkv * D;
-    float total = 0.f;
-#pragma omp simd reduction(+:total)
-    for (int64_t i = 0; i < L; i++) { sg[i] = exp_nonpositive(sg[i] - mx); total += sg[i]; }
-    const float inv = 1.f / total;
 #if defined(__AVX512F__)
-    if (ATTEND_FAST(D)) {
-        const int64_t chunks = D / 16;
-        __m512 acc[ATTEND_MAX_CHUNKS];
-        for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
-        for (int64_t t0 = 0; t0 < L; t0 += bs) {
-            const int64_t span = L - t0 < bs ? L - t0 : bs;
-            const float* vb = v_cache + (table[t0 / bs] * bs * Hkv + kh) * D;
-            const float* vnext = t0 + bs < L ? v_cache + (table[t0 / bs + 1] * bs * Hkv + kh) * D : NULL;
-            for (int64_t o = 0; o < span; o++) {
-                const float* v = vb + o * row;
-                if (vnext) prefetch_row(vnext + o * row, D);
-                const __m512 p = _mm512_set1_ps(sg[t0 + o]);
-                for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + c * 16), acc[c]);
-            }
-        }
-        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(og + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
-        return;
+/* q . k for one position, two accumulators (an if/else head: the plain loop is the else) */
+#define ATTEND_DOT_FAST(SUFFIX, LOAD16)                                                                      \
+    if (ATTEND_FAST(D)) {                                                                                    \
+        if (g == 0 && p + PREFETCH_ROWS < L)                                                                 \
+            prefetch_bytes(cache_row_##SUFFIX(k_cache, table, p + PREFETCH_ROWS, bs, Hkv, kh, D), D * (int64_t)sizeof *k); \
+        __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(qg), LOAD16(k)), a1 = _mm512_setzero_ps();                 \
+        for (int64_t c = 1; c + 1 < D / 16; c += 2) {                                                        \
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), LOAD16(k + c * 16), a1);                      \
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16 + 16), LOAD16(k + c * 16 + 16), a0);            \
+        }                                                                                                    \
+        if (D / 16 % 2 == 0) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + D - 16), LOAD16(k + D - 16), a1);     \
+        dot = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));                                                   \
+    } else
+/* the probabilities times the values, the output in registers (returns from attend_values) */
+#define ATTEND_VALUES_FAST(T, LOAD16)                                                                        \
+    if (ATTEND_FAST(D)) {                                                                                    \
+        const int64_t chunks = D / 16;                                                                       \
+        __m512 acc[ATTEND_MAX_CHUNKS];                                                                       \
+        for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();                                   \
+        for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                             \
+            const int64_t span = L - t0 < bs ? L - t0 : bs;                                                  \
+            const T* vb = v_cache + (table[t0 / bs] * bs * Hkv + kh) * D;                                    \
+            const T* vnext = t0 + bs < L ? v_cache + (table[t0 / bs + 1] * bs * Hkv + kh) * D : NULL;        \
+            for (int64_t o = 0; o < span; o++) {                                                             \
+                const T* v = vb + o * row;                                                                   \
+                if (vnext) prefetch_bytes(vnext + o * row, D * (int64_t)sizeof *v);                          \
+                const __m512 p = _mm512_set1_ps(sg[t0 + o]);                                                 \
+                for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, LOAD16(v + c * 16), acc[c]); \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(og + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv))); \
+        return;                                                                                              \
     }
+DEFINE_ATTEND(f32, float, LOAD16_F32, TO_F32_F32)
+DEFINE_ATTEND(f16, _Float16, LOAD16_F16, TO_F32_F16)
+#else
+#define ATTEND_DOT_FAST(SUFFIX, LOAD16)
+#define ATTEND_VALUES_FAST(T, LOAD16)
+DEFINE_ATTEND(f32, float, , TO_F32_F32)
+DEFINE_ATTEND(f16, _Float16, , TO_F32_F16)
 #endif
-    memset(og, 0, sizeof(float) * (size_t)D);
-    for (int64_t t0 = 0; t0 < L; t0 += bs) {
-        const int64_t span = L - t0 < bs ? L - t0 : bs;
-        const float* vb = v_cache + (table[t0 / bs] * bs * Hkv + kh) * D;
-        for (int64_t o = 0; o < span; o++) {
-            const float* v = vb + o * row;
-            const float p = sg[t0 + o];
-#pragma omp simd
-            for (int64_t d = 0; d < D; d++) og[d] += p * v[d];
-        }
-    }
-    for (int64_t d = 0; d < D; d++) og[d] *= inv;
-}
-
-static inline void attend_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* table,
-                              int64_t L, int64_t bs, int64_t Hkv, int64_t kh, int64_t G, int64_t D, float scale,
-                              float* scores, float* out) {
-    for (int64_t g = 0; g < G; g++) {
-        const float* qg = q + g * D;
-        float* sg = scores + g * L;
-        float mx = -INFINITY;
-        for (int64_t p = 0; p < L; p++) {
-            const float* k = cache_row(k_cache, table, p, bs, Hkv, kh, D);
-            float dot = 0.f;
-#if defined(__AVX512F__)
-            if (ATTEND_FAST(D)) {
-                if (g == 0 && p + PREFETCH_ROWS < L) prefetch_row(cache_row(k_cache, table, p + PREFETCH_ROWS, bs, Hkv, kh, D), D);
-                __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(k)), a1 = _mm512_setzero_ps();
-                for (int64_t c = 1; c + 1 < D / 16; c += 2) {
-                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), _mm512_loadu_ps(k + c * 16), a1);
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16 + 16), _mm512_loadu_ps(k + c * 16 + 16), a0);
-                }
-                if (D / 16 % 2 == 0) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + D - 16), _mm512_loadu_ps(k + D - 16), a1);
-                dot = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-            } else
-#endif
-            {
-#pragma omp simd reduction(+:dot)
-                for (int64_t d = 0; d < D; d++) dot += qg[d] * k[d];
-            }
-            dot *= scale;
-            sg[p] = dot;
-            mx = dot > mx ? dot : mx;
-        }
-        attend_values(sg, mx, v_cache, table, L, bs, Hkv, kh, D, out + g * D);
-    }
-}
-
 
 #endif

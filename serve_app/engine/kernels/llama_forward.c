@@ -10,7 +10,7 @@
  * chunks; model_runner.pack_step decides): token t attends to the first positions[t] + 1 slots of
  * its own block table (a prompt chunk's tokens share one table with growing positions: causal),
  * after this layer's keys and values of every token are written. Long prompt chunks go through torch (SDPA).
- * KV cache float32 [blocks, bs, Hkv, D]; slots index its flattened [blocks * bs] positions.
+ * KV cache float32 or float16 [blocks, bs, Hkv, D]; slots index its flattened [blocks * bs] positions.
  *
  * Buffers (float32, the caller's): x [T, H] the residual stream (the embeddings in, updated in
  * place), h_out [T, H] the final-normed hidden states out, scratch of llama_forward_scratch floats. */
@@ -41,12 +41,12 @@ typedef struct {
     const float* gate_up_bias;
     const uint16_t* down;
     const float* down_bias;
-    float* k_cache;
-    float* v_cache;
+    void* k_cache;  /* float32, or _Float16 when LlamaShape.kv_f16 */
+    void* v_cache;
 } LlamaLayer;
 
 typedef struct {
-    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate;
+    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate, kv_f16;
     float eps, scale;
 } LlamaShape;
 
@@ -62,6 +62,7 @@ int llama_forward(const LlamaLayer* layers, const LlamaShape* shape, const float
     const int64_t H = shape->hidden, Hq = shape->heads, Hkv = shape->kv_heads, D = shape->head_dim;
     const int64_t I = shape->intermediate, G = Hq / Hkv, row_heads = Hq + 2 * Hkv;
     const float eps = shape->eps, scale = shape->scale;
+    const int kv_f16 = shape->kv_f16 != 0;
     float* h = scratch;
     float* qkv = h + T * H;
     float* attn = qkv + T * row_heads * D;
@@ -91,13 +92,31 @@ int llama_forward(const LlamaLayer* layers, const LlamaShape* shape, const float
                     const float* s = sin_table + positions[t] * D;
                     float* row = qkv + t * row_heads * D;
                     for (int64_t hh = 0; hh < Hq + Hkv; hh++) rotate_head(row + hh * D, c, s, D);
-                    memcpy(w->k_cache + slots[t] * Hkv * D, row + Hq * D, sizeof(float) * (size_t)(Hkv * D));
-                    memcpy(w->v_cache + slots[t] * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * (size_t)(Hkv * D));
+                    if (kv_f16) {  /* rounded to nearest, as torch's .half() */
+                        _Float16* k = (_Float16*)w->k_cache + slots[t] * Hkv * D;
+                        _Float16* v = (_Float16*)w->v_cache + slots[t] * Hkv * D;
+#pragma omp simd
+                        for (int64_t i = 0; i < Hkv * D; i++) {
+                            k[i] = (_Float16)row[Hq * D + i];
+                            v[i] = (_Float16)row[(Hq + Hkv) * D + i];
+                        }
+                    } else {
+                        memcpy((float*)w->k_cache + slots[t] * Hkv * D, row + Hq * D, sizeof(float) * (size_t)(Hkv * D));
+                        memcpy((float*)w->v_cache + slots[t] * Hkv * D, row + (Hq + Hkv) * D,
+                               sizeof(float) * (size_t)(Hkv * D));
+                    }
                 }
                 /* attention: token t, KV head kh, with the G query heads that share it */
-#define ATTEND(t, kh) attend_f32(qkv + ((t) * row_heads + (kh) * G) * D, w->k_cache, w->v_cache, \
-                                 tables + (t) * table_stride, positions[t] + 1, block_size, Hkv, kh, G, D, scale, \
-                                 work, attn + ((t) * Hq + (kh) * G) * D)
+#define ATTEND(t, kh) do {                                                                                   \
+                    const float* q_ = qkv + ((t) * row_heads + (kh) * G) * D;                                       \
+                    float* o_ = attn + ((t) * Hq + (kh) * G) * D;                                                  \
+                    if (kv_f16)                                                                                    \
+                        attend_f16(q_, w->k_cache, w->v_cache, tables + (t) * table_stride, positions[t] + 1,      \
+                                   block_size, Hkv, kh, G, D, scale, work, o_);                                    \
+                    else                                                                                           \
+                        attend_f32(q_, w->k_cache, w->v_cache, tables + (t) * table_stride, positions[t] + 1,      \
+                                   block_size, Hkv, kh, G, D, scale, work, o_);                                    \
+                } while (0)
                 if (T >= ATTEND_ROWS_MIN) {
 #pragma omp for schedule(dynamic, 1)
                     for (int64_t t = 0; t < T; t++)
