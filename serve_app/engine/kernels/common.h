@@ -189,4 +189,43 @@ DEFINE_ATTEND(f32, float, , TO_F32_F32)
 DEFINE_ATTEND(f16, _Float16, , TO_F32_F16)
 #endif
 
+/* The attention of T query tokens, shared by the threads of an enclosing parallel region (an
+ * orphaned `omp for`): token t's Hkv * G query heads at q + t * q_stride, its block table at
+ * tables + t * table_stride, its first lens[t] + len_add positions of a float32 or (kv_f16)
+ * float16 cache; out [T, Hkv * G, D]. scores: this thread's G * (longest length) floats, or NULL
+ * (it could not get them: it skips its share, and the caller reports the failure). One task per
+ * token and KV head, or per token from ATTEND_ROWS_MIN tokens. */
+static inline void attend_one(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache,
+                              int kv_f16, const int64_t* tables, int64_t table_stride, const int64_t* lens,
+                              int64_t len_add, int64_t t, int64_t kh, int64_t Hkv, int64_t G, int64_t D,
+                              int64_t bs, float scale, float* scores, float* out) {
+    if (!scores) return;
+    const float* qt = q + t * q_stride + kh * G * D;
+    float* ot = out + (t * Hkv + kh) * G * D;
+    if (kv_f16)
+        attend_f16(qt, k_cache, v_cache, tables + t * table_stride, lens[t] + len_add, bs, Hkv, kh, G, D, scale,
+                   scores, ot);
+    else
+        attend_f32(qt, k_cache, v_cache, tables + t * table_stride, lens[t] + len_add, bs, Hkv, kh, G, D, scale,
+                   scores, ot);
+}
+
+static inline void attend_tokens_shared(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache,
+                                        int kv_f16, const int64_t* tables, int64_t table_stride,
+                                        const int64_t* lens, int64_t len_add, int64_t T, int64_t Hkv, int64_t G,
+                                        int64_t D, int64_t bs, float scale, float* scores, float* out) {
+#define ATTEND_ONE(t, kh) attend_one(q, q_stride, k_cache, v_cache, kv_f16, tables, table_stride, lens, len_add, \
+                                     t, kh, Hkv, G, D, bs, scale, scores, out)
+    if (T >= ATTEND_ROWS_MIN) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t kh = 0; kh < Hkv; kh++) ATTEND_ONE(t, kh);
+    } else {
+#pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t kh = 0; kh < Hkv; kh++) ATTEND_ONE(t, kh);
+    }
+#undef ATTEND_ONE
+}
+
 #endif

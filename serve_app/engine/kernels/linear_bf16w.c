@@ -93,6 +93,22 @@ static inline __attribute__((always_inline)) void tile(const float* x, int64_t K
 }
 #endif
 
+/* out[:, n0:n0+NB] for every row of x (MR rows per tile), from the packed block wb. */
+static inline void product_block(const float* x, int64_t K, const uint16_t* wb, const float* bias, float* out,
+                                 int64_t M, int64_t N, int64_t n0) {
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const float* xm = x + m0 * K;
+        float* om = out + m0 * N;
+        /* one specialization per tile height, so the accumulators stay in registers */
+        switch (M - m0 < MR ? M - m0 : MR) {
+#define ROWS(R) case R: tile(xm, K, wb, bias, om, N, n0, R); break;
+            ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) ROWS(9) ROWS(10) ROWS(11)
+            default: tile(xm, K, wb, bias, om, N, n0, MR); break;
+#undef ROWS
+        }
+    }
+}
+
 /* The work of one product, shared by the threads of an enclosing parallel region (an orphaned
  * `omp for`: llama_forward.c calls it inside its own region; alone, one thread does it all).
  * x [M, K] and out [M, N] contiguous float32; bias [N] float32 or NULL. */
@@ -100,20 +116,7 @@ void linear_bf16w_shared(const float* x, const uint16_t* packed, const float* bi
                          int64_t M, int64_t N, int64_t K) {
     const int64_t blocks = (N + NB - 1) / NB;
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint16_t* wb = packed + b * K * NB;
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            const float* xm = x + m0 * K;
-            float* om = out + m0 * N;
-            /* one specialization per tile height, so the accumulators stay in registers */
-            switch (M - m0 < MR ? M - m0 : MR) {
-#define ROWS(R) case R: tile(xm, K, wb, bias, om, N, b * NB, R); break;
-                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) ROWS(9) ROWS(10) ROWS(11)
-                default: tile(xm, K, wb, bias, om, N, b * NB, MR); break;
-#undef ROWS
-            }
-        }
-    }
+    for (int64_t b = 0; b < blocks; b++) product_block(x, K, packed + b * K * NB, bias, out, M, N, b * NB);
 }
 
 /* The gate/up product of a Llama MLP and its activation in one work-shared loop: packed holds
@@ -125,20 +128,8 @@ void linear_bf16w_gated_shared(const float* x, const uint16_t* packed, const flo
     const int64_t blocks = I / NB, N = 2 * I;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        for (int half = 0; half < 2; half++) {
-            const int64_t block = b + half * blocks;
-            const uint16_t* wb = packed + block * K * NB;
-            for (int64_t m0 = 0; m0 < M; m0 += MR) {
-                const float* xm = x + m0 * K;
-                float* om = gate_up + m0 * N;
-                switch (M - m0 < MR ? M - m0 : MR) {
-#define ROWS(R) case R: tile(xm, K, wb, bias, om, N, block * NB, R); break;
-                    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) ROWS(9) ROWS(10) ROWS(11)
-                    default: tile(xm, K, wb, bias, om, N, block * NB, MR); break;
-#undef ROWS
-                }
-            }
-        }
+        for (int64_t block = b; block < 2 * blocks; block += blocks)  /* gate's block, then up's */
+            product_block(x, K, packed + block * K * NB, bias, gate_up, M, N, block * NB);
         for (int64_t m = 0; m < M; m++) {
             const float* g = gate_up + m * N + b * NB;
             float* o = act + m * I + b * NB;

@@ -106,27 +106,9 @@ int llama_forward(const LlamaLayer* layers, const LlamaShape* shape, const float
                                sizeof(float) * (size_t)(Hkv * D));
                     }
                 }
-                /* attention: token t, KV head kh, with the G query heads that share it */
-#define ATTEND(t, kh) do {                                                                                   \
-                    const float* q_ = qkv + ((t) * row_heads + (kh) * G) * D;                                       \
-                    float* o_ = attn + ((t) * Hq + (kh) * G) * D;                                                  \
-                    if (kv_f16)                                                                                    \
-                        attend_f16(q_, w->k_cache, w->v_cache, tables + (t) * table_stride, positions[t] + 1,      \
-                                   block_size, Hkv, kh, G, D, scale, work, o_);                                    \
-                    else                                                                                           \
-                        attend_f32(q_, w->k_cache, w->v_cache, tables + (t) * table_stride, positions[t] + 1,      \
-                                   block_size, Hkv, kh, G, D, scale, work, o_);                                    \
-                } while (0)
-                if (T >= ATTEND_ROWS_MIN) {
-#pragma omp for schedule(dynamic, 1)
-                    for (int64_t t = 0; t < T; t++)
-                        for (int64_t kh = 0; kh < Hkv; kh++) ATTEND(t, kh);
-                } else {
-#pragma omp for collapse(2) schedule(dynamic, 1)
-                    for (int64_t t = 0; t < T; t++)
-                        for (int64_t kh = 0; kh < Hkv; kh++) ATTEND(t, kh);
-                }
-#undef ATTEND
+                /* attention: token t over its first positions[t] + 1 positions */
+                attend_tokens_shared(qkv, row_heads * D, w->k_cache, w->v_cache, kv_f16, tables, table_stride,
+                                     positions, 1, T, Hkv, G, D, block_size, scale, work, attn);
                 linear_bf16w_shared(attn, w->o, w->o_bias, proj, T, H, Hq * D);
                 add_rms_norm_shared(x, proj, w->post_norm, h, T, H, eps);
                 if (I % 32 == 0) {  /* linear_bf16w.c's block width */

@@ -89,43 +89,42 @@ int NAME(const TQ* q, const T* k_cache, const T* v_cache, const int64_t* block_t
 /* Named by query dtype, then cache dtype. */
 #define IDENTITY(x) (x)
 
-/* float32 queries over a float32 or float16 cache: common.h's attend_f32/attend_f16 (vectorized
- * by hand where AVX-512 exists); one task per row and KV head, or per row from ATTEND_ROWS_MIN
- * rows: its G query heads read the same keys while they are in cache (one task per query head
- * measured up to 1.5x slower). */
-#define DEFINE_ATTEND_KERNEL(NAME, T, ATTEND)                                                                \
-int NAME(const float* q, const T* k_cache, const T* v_cache, const int64_t* block_tables, int64_t bt_stride, \
-         const int64_t* lens, float* out, int64_t N, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs,          \
-         float scale) {                                                                                      \
-    const int64_t G = Hq / Hkv;                                                                              \
-    int64_t max_len = 0;                                                                                     \
-    for (int64_t n = 0; n < N; n++) max_len = lens[n] > max_len ? lens[n] : max_len;                         \
-    int failed = 0;                                                                                          \
-    _Pragma("omp parallel")                                                                                  \
-    {                                                                                                        \
-        float* scores = (float*)malloc(sizeof(float) * (size_t)(G * max_len));                               \
-        if (!scores) {                                                                                       \
-            _Pragma("omp atomic write")                                                                      \
-            failed = 1;                                                                                      \
-        }                                                                                                    \
-        if (N >= ATTEND_ROWS_MIN) {                                                                          \
-            _Pragma("omp for schedule(dynamic, 1)")                                                          \
-            for (int64_t n = 0; n < N; n++)                                                                  \
-                for (int64_t h = 0; h < Hkv; h++)                                                            \
-                    if (scores) ATTEND_ROW(ATTEND, n, h);                                                    \
-        } else {                                                                                             \
-            _Pragma("omp for collapse(2) schedule(dynamic, 1)")                                              \
-            for (int64_t n = 0; n < N; n++)                                                                  \
-                for (int64_t h = 0; h < Hkv; h++)                                                            \
-                    if (scores) ATTEND_ROW(ATTEND, n, h);                                                    \
-        }                                                                                                    \
-        free(scores);                                                                                        \
-    }                                                                                                        \
-    return failed;                                                                                           \
+/* float32 queries over a float32 or float16 cache: common.h's attend_tokens_shared (vectorized
+ * by hand where AVX-512 exists); its G query heads read the same keys while they are in cache
+ * (one task per query head measured up to 1.5x slower). */
+static int paged_decode_attention_f32(const float* q, const void* k_cache, const void* v_cache, int kv_f16,
+                                      const int64_t* block_tables, int64_t bt_stride, const int64_t* lens, float* out,
+                                      int64_t N, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale) {
+    const int64_t G = Hq / Hkv;
+    int64_t max_len = 0;
+    for (int64_t n = 0; n < N; n++) max_len = lens[n] > max_len ? lens[n] : max_len;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float* scores = (float*)malloc(sizeof(float) * (size_t)(G * max_len));
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        attend_tokens_shared(q, Hq * D, k_cache, v_cache, kv_f16, block_tables, bt_stride, lens, 0, N, Hkv, G, D, bs,
+                             scale, scores, out);
+        free(scores);
+    }
+    return failed;
 }
-#define ATTEND_ROW(ATTEND, n, h) ATTEND(q + ((n) * Hq + (h) * G) * D, k_cache, v_cache, block_tables + (n) * bt_stride, \
-                                        lens[n], bs, Hkv, h, G, D, scale, scores, out + ((n) * Hq + (h) * G) * D)
-DEFINE_ATTEND_KERNEL(paged_decode_attention_f32_f32, float, attend_f32)
-DEFINE_ATTEND_KERNEL(paged_decode_attention_f32_f16, _Float16, attend_f16)
+
+int paged_decode_attention_f32_f32(const float* q, const float* k_cache, const float* v_cache,
+                                   const int64_t* block_tables, int64_t bt_stride, const int64_t* lens, float* out,
+                                   int64_t N, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale) {
+    return paged_decode_attention_f32(q, k_cache, v_cache, 0, block_tables, bt_stride, lens, out, N, Hq, Hkv, D, bs,
+                                      scale);
+}
+
+int paged_decode_attention_f32_f16(const float* q, const _Float16* k_cache, const _Float16* v_cache,
+                                   const int64_t* block_tables, int64_t bt_stride, const int64_t* lens, float* out,
+                                   int64_t N, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, float scale) {
+    return paged_decode_attention_f32(q, k_cache, v_cache, 1, block_tables, bt_stride, lens, out, N, Hq, Hkv, D, bs,
+                                      scale);
+}
 DEFINE_KERNEL(paged_decode_attention_f32_bf16, float, IDENTITY, IDENTITY, uint16_t, bf16_to_f32)
 DEFINE_KERNEL(paged_decode_attention_bf16_bf16, uint16_t, bf16_to_f32, f32_to_bf16, uint16_t, bf16_to_f32)
