@@ -117,7 +117,7 @@ def choose_kv_dtype(requested: str, compute: torch.dtype, device: torch.device,
     if requested != "auto":
         return DTYPES[requested], "configured"
     if device.type == "cpu" and weights != torch.float32 and compute == torch.float32:
-        from serve_app.engine import cpu_kernels  # imports torch's kernels only when asked
+        from serve_app.engine import cpu_kernels  # here: cpu_kernels imports this module (cpu_flags)
 
         if cpu_kernels.supports(torch.float32, torch.float16, device):
             return torch.float16, "auto: 16-bit weights on CPU: a float16 cache (half the bytes decode attention reads)"
