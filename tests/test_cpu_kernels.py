@@ -81,9 +81,10 @@ def test_fused_layer_ops_equal_the_torch_ops():
 @pytest.mark.parametrize("rows", [3, 12])
 @pytest.mark.parametrize("head_dim", [64, 24])  # 24: not a multiple of 16, the plain loops
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_paged_decode_attention_equals_attention_over_gathered_blocks(rows, head_dim, cache_dtype):
+@pytest.mark.parametrize("bs", [16, 5])  # the kernel walks block by block: a last block partly filled
+def test_paged_decode_attention_equals_attention_over_gathered_blocks(rows, head_dim, cache_dtype, bs):
     gen = torch.Generator().manual_seed(rows)
-    heads, kv_heads, bs, blocks = 6, 2, 16, 64
+    heads, kv_heads, blocks = 6, 2, 64
     k_cache = torch.randn(blocks, bs, kv_heads, head_dim, generator=gen).to(cache_dtype)
     v_cache = torch.randn(blocks, bs, kv_heads, head_dim, generator=gen).to(cache_dtype)
     lens = torch.randint(1, 6 * bs, (rows,), generator=gen)

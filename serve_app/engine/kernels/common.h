@@ -94,11 +94,6 @@ static inline void prefetch_bytes(const void* row, int64_t bytes) {
 /* One attend_<SUFFIX> for a cache of element type T: LOAD16 widens 16 elements to an __m512,
  * TO_F32 one element to a float. */
 #define DEFINE_ATTEND(SUFFIX, T, LOAD16, TO_F32)                                                             \
-static inline const T* cache_row_##SUFFIX(const T* cache, const int64_t* table, int64_t p, int64_t bs,       \
-                                          int64_t Hkv, int64_t kh, int64_t D) {                              \
-    return cache + ((table[p / bs] * bs + p % bs) * Hkv + kh) * D;                                           \
-}                                                                                                            \
-                                                                                                             \
 /* og [D] = softmax(sg [L], whose max is mx) @ values; the scores become probabilities. */                   \
 static inline void attend_values_##SUFFIX(float* sg, float mx, const T* v_cache, const int64_t* table,       \
                                           int64_t L, int64_t bs, int64_t Hkv, int64_t kh, int64_t D,          \
@@ -126,32 +121,39 @@ static inline void attend_values_##SUFFIX(float* sg, float mx, const T* v_cache,
 static inline void attend_##SUFFIX(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, \
                                    int64_t L, int64_t bs, int64_t Hkv, int64_t kh, int64_t G, int64_t D,      \
                                    float scale, float* scores, float* out) {                                 \
-    for (int64_t g = 0; g < G; g++) {                                                                        \
-        const float* qg = q + g * D;                                                                         \
-        float* sg = scores + g * L;                                                                          \
-        float mx = -INFINITY;                                                                                \
-        for (int64_t p = 0; p < L; p++) {                                                                    \
-            const T* k = cache_row_##SUFFIX(k_cache, table, p, bs, Hkv, kh, D);                              \
-            float dot = 0.f;                                                                                 \
-            ATTEND_DOT_FAST(SUFFIX, LOAD16)                                                                  \
-            {                                                                                                \
-                _Pragma("omp simd reduction(+:dot)")                                                         \
-                for (int64_t d = 0; d < D; d++) dot += qg[d] * TO_F32(k[d]);                                 \
+    /* Block by block (a division per block, not per position), each key row read once for all G heads. */   \
+    const int64_t row = Hkv * D;                                                                             \
+    float mx[G];                                                                                             \
+    for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;                                                       \
+    for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
+        const int64_t span = L - t0 < bs ? L - t0 : bs;                                                      \
+        const T* kb = k_cache + (table[t0 / bs] * bs * Hkv + kh) * D;                                        \
+        const T* knext = t0 + bs < L ? k_cache + (table[t0 / bs + 1] * bs * Hkv + kh) * D : NULL;            \
+        for (int64_t o = 0; o < span; o++) {                                                                 \
+            const T* k = kb + o * row;                                                                       \
+            if (knext) prefetch_bytes(knext + o * row, D * (int64_t)sizeof *k);                              \
+            for (int64_t g = 0; g < G; g++) {                                                                \
+                const float* qg = q + g * D;                                                                 \
+                float dot = 0.f;                                                                             \
+                ATTEND_DOT_FAST(LOAD16)                                                                      \
+                {                                                                                            \
+                    _Pragma("omp simd reduction(+:dot)")                                                     \
+                    for (int64_t d = 0; d < D; d++) dot += qg[d] * TO_F32(k[d]);                             \
+                }                                                                                            \
+                dot *= scale;                                                                                \
+                scores[g * L + t0 + o] = dot;                                                                \
+                mx[g] = dot > mx[g] ? dot : mx[g];                                                           \
             }                                                                                                \
-            dot *= scale;                                                                                    \
-            sg[p] = dot;                                                                                     \
-            mx = dot > mx ? dot : mx;                                                                        \
         }                                                                                                    \
-        attend_values_##SUFFIX(sg, mx, v_cache, table, L, bs, Hkv, kh, D, out + g * D);                      \
     }                                                                                                        \
+    for (int64_t g = 0; g < G; g++)                                                                          \
+        attend_values_##SUFFIX(scores + g * L, mx[g], v_cache, table, L, bs, Hkv, kh, D, out + g * D);       \
 }
 
 #if defined(__AVX512F__)
 /* q . k for one position, two accumulators (an if/else head: the plain loop is the else) */
-#define ATTEND_DOT_FAST(SUFFIX, LOAD16)                                                                      \
+#define ATTEND_DOT_FAST(LOAD16)                                                                              \
     if (ATTEND_FAST(D)) {                                                                                    \
-        if (g == 0 && p + PREFETCH_ROWS < L)                                                                 \
-            prefetch_bytes(cache_row_##SUFFIX(k_cache, table, p + PREFETCH_ROWS, bs, Hkv, kh, D), D * (int64_t)sizeof *k); \
         __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(qg), LOAD16(k)), a1 = _mm512_setzero_ps();                 \
         for (int64_t c = 1; c + 1 < D / 16; c += 2) {                                                        \
             a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), LOAD16(k + c * 16), a1);                      \
@@ -183,7 +185,7 @@ static inline void attend_##SUFFIX(const float* q, const T* k_cache, const T* v_
 DEFINE_ATTEND(f32, float, LOAD16_F32, TO_F32_F32)
 DEFINE_ATTEND(f16, _Float16, LOAD16_F16, TO_F32_F16)
 #else
-#define ATTEND_DOT_FAST(SUFFIX, LOAD16)
+#define ATTEND_DOT_FAST(LOAD16)
 #define ATTEND_VALUES_FAST(T, LOAD16)
 DEFINE_ATTEND(f32, float, , TO_F32_F32)
 DEFINE_ATTEND(f16, _Float16, , TO_F32_F16)
