@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from serve_app.engine.scheduler import MIN_PREFILL
 from serve_app.engine.types import GenerationRequest, SamplingParams
 from tests.test_engine import run
 
@@ -167,3 +168,36 @@ def test_an_overrunning_step_shrinks_the_next_budget_and_it_grows_back(tiny_engi
                                  params=SamplingParams(max_tokens=2, temperature=0)))
     plan = sched.schedule()
     assert [n for _, n in plan.prefills] == [20]  # the step takes what the budget allows
+
+
+def test_while_rows_decode_a_chunk_deep_into_a_long_prompt_is_charged_for_its_attention(tiny_engine_factory):
+    """A prompt token after p cached positions costs 1 + p / horizon of the budget while other
+    sequences decode (their streams wait for the step); alone, a prompt takes the full budget."""
+    def long_prompt():
+        return GenerationRequest(request_id="long", prompt_token_ids=[5 + i % 400 for i in range(700)],
+                                 params=SamplingParams(max_tokens=2, temperature=0))
+
+    def chunks(engine, decoding_rows: int) -> list[int]:
+        sizes = []
+        while any(s.request_id == "long" and not s.prefilled for s in [*engine.running, *engine.waiting]):
+            engine.step()
+            sizes.append(engine.last_step_tokens - decoding_rows)
+        return sizes
+
+    alone = tiny_engine_factory(max_num_batched_tokens=64)
+    horizon = alone.scheduler.attention_horizon
+    assert 0 < horizon < 700  # the tiny model's layers are narrow: attention weighs early
+    alone.add(long_prompt())
+    assert chunks(alone, 0) == [64] * 10 + [700 - 640]
+
+    busy = tiny_engine_factory(max_num_batched_tokens=64)
+    busy.add(GenerationRequest(request_id="row", prompt_token_ids=[7, 8, 9], params=SamplingParams(
+        max_tokens=500, temperature=0, ignore_eos=True)))
+    busy.step()  # "row" decodes from now on, one token a step
+    busy.add(long_prompt())
+    sizes, past = chunks(busy, 1), 0
+    for n in sizes[:-1]:
+        assert n == max(MIN_PREFILL, int(63 / (1 + past / horizon)))
+        past += n
+    assert past + sizes[-1] == 700 and sizes[-1] <= max(MIN_PREFILL, int(63 / (1 + past / horizon)))
+    assert sizes[0] == 63 and sizes[-2] < 63 / 2  # deep into the prompt, less than half the start's

@@ -21,11 +21,11 @@ from serve_app.engine.block_manager import BlockManager
 from serve_app.engine.constraints import Constraints, RowFailed
 from serve_app.engine.engine_config import EngineConfig
 from serve_app.engine.kv_cache import KVCache
-from serve_app.engine.model_runner import build_runner, pack_step
+from serve_app.engine.model_runner import build_runner, pack_step, weights_per_token
 from serve_app.engine.precision import choose_kv_dtype
 from serve_app.engine.prefix_hash import sequence_salt
 from serve_app.engine.sampling import process_logits, sample_next_tokens, token_logprobs
-from serve_app.engine.scheduler import MIN_PREFILL, ScheduledStep, Scheduler
+from serve_app.engine.scheduler import MIN_PREFILL, ScheduledStep, Scheduler, attention_horizon
 from serve_app.engine.sequence import Sequence
 from serve_app.engine.speculation import check_drafts
 from serve_app.engine.types import GenerationRequest, SequenceOutput
@@ -38,6 +38,7 @@ class BatchEngine:
 
     def __init__(self, model, tokenizer, eos_token_ids: Iterable[int], config: EngineConfig):
         self.config = config
+        horizon = attention_horizon(weights_per_token(model), model.config)
         self.runner = build_runner(model, config.max_model_len, config.runner)
         self.tokenizer = tokenizer
         self.device = self.runner.device
@@ -54,7 +55,7 @@ class BatchEngine:
         self.constraints = Constraints(tokenizer, self.runner.config.vocab_size, self.eos_token_ids,
                                        config.grammar_cache_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.num_speculative_tokens, config.speculative_max_rows)
+                                   config.num_speculative_tokens, config.speculative_max_rows, horizon)
         # Steps longer than this silence every stream that long: after a step overran it the
         # token budget shrinks (down to the decode rows + MIN_PREFILL), e.g. while prompt chunks
         # attend to thousands of past tokens on a slow CPU, and grows back after (_adapt_budget).

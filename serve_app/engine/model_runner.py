@@ -187,3 +187,13 @@ def build_runner(model, max_model_len: int, runner: str = "auto"):
         raise ValueError(f"runner: native does not support this model: {reason}")
     logger.info("model runner: transformers (%s)", reason)
     return TransformersRunner(model)
+
+
+def weights_per_token(model) -> int:
+    """The weights each token is multiplied by: every parameter but the input and output
+    embeddings (a lookup, and the LM head runs only for the rows that sample)."""
+    skip = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    head = model.get_output_embeddings()
+    if head is not None:
+        skip |= {id(p) for p in head.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
