@@ -201,3 +201,19 @@ def test_while_rows_decode_a_chunk_deep_into_a_long_prompt_is_charged_for_its_at
         past += n
     assert past + sizes[-1] == 700 and sizes[-1] <= max(MIN_PREFILL, int(63 / (1 + past / horizon)))
     assert sizes[0] == 63 and sizes[-2] < 63 / 2  # deep into the prompt, less than half the start's
+
+
+def test_a_prompt_arriving_behind_a_charged_chunk_waits_instead_of_trickling_in(tiny_engine_factory):
+    """What rounding leaves of a budget a deep chunk was charged for admits nobody."""
+    engine = tiny_engine_factory(max_num_batched_tokens=64)
+    engine.add(GenerationRequest(request_id="row", prompt_token_ids=[7, 8, 9], params=SamplingParams(
+        max_tokens=500, temperature=0, ignore_eos=True)))
+    engine.step()
+    engine.add(GenerationRequest(request_id="long", prompt_token_ids=[5 + i % 400 for i in range(700)],
+                                 params=SamplingParams(max_tokens=2, temperature=0)))
+    engine.step()
+    engine.add(GenerationRequest(request_id="short", prompt_token_ids=list(range(10, 40)),
+                                 params=SamplingParams(max_tokens=2, temperature=0)))
+    while any(s.request_id == "long" and not s.prefilled for s in engine.running):
+        assert [s.request_id for s in engine.waiting] == ["short"]  # not admitted to a token a step
+        engine.step()

@@ -127,11 +127,14 @@ class Scheduler:
         block it needs next); return the budget it takes."""
         self.blocks.skip_computed(seq)
         cost = chunk_cost(seq.num_cached, horizon)
-        n = self.blocks.writable_end(seq, max(min(budget, MIN_PREFILL), int(budget / cost))) - seq.num_cached
+        want = max(min(budget, MIN_PREFILL), int(budget / cost))
+        n = self.blocks.writable_end(seq, want) - seq.num_cached
         if n <= 0:
             return 0
         step.prefills.append((seq, n))
-        return min(budget, math.ceil(n * cost))
+        # A chunk the budget cut takes all of it: what rounding leaves would admit the next
+        # prompt to prefill a token or two per step.
+        return budget if n == want else min(budget, math.ceil(n * cost))
 
     def _add_drafts(self, step: ScheduledStep, budget: int) -> None:
         for seq in list(step.decodes):
