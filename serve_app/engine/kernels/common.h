@@ -76,8 +76,8 @@ static inline void rotate_head(float* v, const float* c, const float* s, int64_t
 #define TO_F32_F16(x) ((float)(x))
 
 /* Rows of a block table are scattered in memory (a block of bs positions here, the next anywhere),
- * so the hardware prefetcher cannot follow them: the loops below fetch rows this far ahead. */
-#define PREFETCH_ROWS 16
+ * so the hardware prefetcher cannot follow them: the loops below fetch the next block's row o
+ * while they read this block's row o. */
 static inline void prefetch_bytes(const void* row, int64_t bytes) {
 #if defined(__AVX512F__)
     for (int64_t c = 0; c < bytes; c += 64) _mm_prefetch((const char*)row + c, _MM_HINT_T0);
@@ -94,6 +94,12 @@ static inline void prefetch_bytes(const void* row, int64_t bytes) {
 /* One attend_<SUFFIX> for a cache of element type T: LOAD16 widens 16 elements to an __m512,
  * TO_F32 one element to a float. */
 #define DEFINE_ATTEND(SUFFIX, T, LOAD16, TO_F32)                                                             \
+/* KV head kh's row at the first position of the table's block b, or NULL past L positions. */               \
+static inline const T* block_rows_##SUFFIX(const T* cache, const int64_t* table, int64_t b, int64_t L,        \
+                                           int64_t bs, int64_t Hkv, int64_t kh, int64_t D) {                  \
+    return b * bs < L ? cache + (table[b] * bs * Hkv + kh) * D : NULL;                                       \
+}                                                                                                            \
+                                                                                                             \
 /* og [D] = softmax(sg [L], whose max is mx) @ values; the scores become probabilities. */                   \
 static inline void attend_values_##SUFFIX(float* sg, float mx, const T* v_cache, const int64_t* table,       \
                                           int64_t L, int64_t bs, int64_t Hkv, int64_t kh, int64_t D,          \
@@ -103,11 +109,11 @@ static inline void attend_values_##SUFFIX(float* sg, float mx, const T* v_cache,
     _Pragma("omp simd reduction(+:total)")                                                                   \
     for (int64_t i = 0; i < L; i++) { sg[i] = exp_nonpositive(sg[i] - mx); total += sg[i]; }                 \
     const float inv = 1.f / total;                                                                           \
-    ATTEND_VALUES_FAST(T, LOAD16)                                                                            \
+    ATTEND_VALUES_FAST(SUFFIX, T, LOAD16)                                                                    \
     memset(og, 0, sizeof(float) * (size_t)D);                                                                \
     for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
         const int64_t span = L - t0 < bs ? L - t0 : bs;                                                      \
-        const T* vb = v_cache + (table[t0 / bs] * bs * Hkv + kh) * D;                                        \
+        const T* vb = block_rows_##SUFFIX(v_cache, table, t0 / bs, L, bs, Hkv, kh, D);                      \
         for (int64_t o = 0; o < span; o++) {                                                                 \
             const T* v = vb + o * row;                                                                       \
             const float p = sg[t0 + o];                                                                      \
@@ -127,8 +133,8 @@ static inline void attend_##SUFFIX(const float* q, const T* k_cache, const T* v_
     for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;                                                       \
     for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
         const int64_t span = L - t0 < bs ? L - t0 : bs;                                                      \
-        const T* kb = k_cache + (table[t0 / bs] * bs * Hkv + kh) * D;                                        \
-        const T* knext = t0 + bs < L ? k_cache + (table[t0 / bs + 1] * bs * Hkv + kh) * D : NULL;            \
+        const T* kb = block_rows_##SUFFIX(k_cache, table, t0 / bs, L, bs, Hkv, kh, D);                      \
+        const T* knext = block_rows_##SUFFIX(k_cache, table, t0 / bs + 1, L, bs, Hkv, kh, D);               \
         for (int64_t o = 0; o < span; o++) {                                                                 \
             const T* k = kb + o * row;                                                                       \
             if (knext) prefetch_bytes(knext + o * row, D * (int64_t)sizeof *k);                              \
@@ -163,15 +169,15 @@ static inline void attend_##SUFFIX(const float* q, const T* k_cache, const T* v_
         dot = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));                                                   \
     } else
 /* the probabilities times the values, the output in registers (returns from attend_values) */
-#define ATTEND_VALUES_FAST(T, LOAD16)                                                                        \
+#define ATTEND_VALUES_FAST(SUFFIX, T, LOAD16)                                                                     \
     if (ATTEND_FAST(D)) {                                                                                    \
         const int64_t chunks = D / 16;                                                                       \
         __m512 acc[ATTEND_MAX_CHUNKS];                                                                       \
         for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();                                   \
         for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                             \
             const int64_t span = L - t0 < bs ? L - t0 : bs;                                                  \
-            const T* vb = v_cache + (table[t0 / bs] * bs * Hkv + kh) * D;                                    \
-            const T* vnext = t0 + bs < L ? v_cache + (table[t0 / bs + 1] * bs * Hkv + kh) * D : NULL;        \
+            const T* vb = block_rows_##SUFFIX(v_cache, table, t0 / bs, L, bs, Hkv, kh, D);                  \
+            const T* vnext = block_rows_##SUFFIX(v_cache, table, t0 / bs + 1, L, bs, Hkv, kh, D);           \
             for (int64_t o = 0; o < span; o++) {                                                             \
                 const T* v = vb + o * row;                                                                   \
                 if (vnext) prefetch_bytes(vnext + o * row, D * (int64_t)sizeof *v);                          \
@@ -186,7 +192,7 @@ DEFINE_ATTEND(f32, float, LOAD16_F32, TO_F32_F32)
 DEFINE_ATTEND(f16, _Float16, LOAD16_F16, TO_F32_F16)
 #else
 #define ATTEND_DOT_FAST(LOAD16)
-#define ATTEND_VALUES_FAST(T, LOAD16)
+#define ATTEND_VALUES_FAST(SUFFIX, T, LOAD16)
 DEFINE_ATTEND(f32, float, , TO_F32_F32)
 DEFINE_ATTEND(f16, _Float16, , TO_F32_F16)
 #endif
