@@ -4,9 +4,10 @@
   same (bf16-rounded) weights, for every tile height, ragged column blocks and bias;
 - layer_ops.c: residual + RMSNorm, SiLU x up and rotary equal the torch ops the runner uses
   where the kernels do not exist;
-- paged_attention.c (common.h's attend_f32/_f16): decode attention over scattered blocks equals
+- paged_attention.c (common.h's attend_run_*): decode attention over scattered blocks equals
   softmax attention over the gathered keys and values (float32 or float16 cache), for a few rows
-  (a task per row and KV head) and many (a task per row);
+  (a task per row and KV head) and many (a task per row); runs of a draft's or a prompt's tokens
+  (one read of each row for all of them) through the engines below, blocks of 16 and 5;
 - end to end: an engine on bf16 weights (the kernel) gives the same greedy tokens as an engine
   on the same weights widened to float32 (oneDNN/MKL), on the lively model whose greedy output
   changes from token to token.
@@ -158,3 +159,36 @@ def test_an_engine_on_bf16_weights_decodes_as_float32_over_the_same_weights(live
         assert engines["bf16"].accepted_draft_tokens > 0
     else:
         assert len(set(map(tuple, outputs["bf16"].values()))) == len(prompts)
+
+
+@pytest.mark.parametrize("kv", ["float32", "float16"])
+def test_drafts_and_prompt_chunks_attend_in_runs_across_block_edges(lively_model, kv):
+    """The fused forward attends a draft's tokens, and a short prompt's, as runs that read each key
+    and value row once (common.h attend_runs, at most ATTEND_RUN_MAX tokens each). With blocks of
+    5 positions, runs start and end inside blocks and cross their edges; the greedy tokens must
+    still be the float32 engine's (torch's products and SDPA)."""
+    import dataclasses
+
+    from serve_app.config import ModelServingArgs
+    from serve_app.engine.batch_engine import BatchEngine
+    from serve_app.engine.factory import engine_config
+    from serve_app.engine.loading import eos_token_ids
+
+    _, tokenizer = lively_model
+    bf16 = random_llama(tokenizer, 0.1, 128).to(torch.bfloat16)
+    widened = copy.deepcopy(bf16).float()
+
+    def engine(model):
+        args = ModelServingArgs(max_batch_size=8, runner="native", num_speculative_tokens=4, kv_cache_dtype=kv,
+                                enable_prefix_caching=False)
+        config = dataclasses.replace(engine_config(args, "cpu", 2048), block_size=5)
+        return BatchEngine(model, tokenizer, eos_token_ids(model, tokenizer), config)
+
+    engines = {"bf16": engine(bf16), "float32": engine(widened)}
+    prompts = [tokenizer(text)["input_ids"] for text in ("The quick brown fox", "Ray Serve routes requests to",
+                                                         "0123456789 +-*/ 0123456789")]
+    outputs = {name: greedy_outputs(e, prompts, max_tokens=40) for name, e in engines.items()}
+    assert outputs["bf16"] == outputs["float32"]
+    assert engines["bf16"].runner._fused is not None
+    assert engines["bf16"].kv.block_size == 5
+    assert engines["bf16"].accepted_draft_tokens > 0

@@ -58,11 +58,16 @@ static inline void rotate_head(float* v, const float* c, const float* s, int64_t
     }
 }
 
-/* Attention of one query token's G heads (q [G, D]) over the first L positions of a block table
- * in a cache [blocks, bs, Hkv, D] of float32 (attend_f32) or float16 (attend_f16: half the bytes,
- * widened in registers), at KV head kh: out [G, D] = softmax(q k * scale) v, float32 throughout.
- * scores holds G * L floats. Softmax in two passes over the stored scores (exact, max subtracted).
- * AVX-512 keeps q's products and the output in registers (D up to 256); elsewhere plain loops. */
+/* Attention over a block table in a cache [blocks, bs, Hkv, D] of float32 (attend_run_f32) or
+ * float16 (attend_run_f16: half the bytes, widened in registers), at KV head kh, float32
+ * throughout: softmax(q k * scale) v, in two passes over the stored scores (exact, max subtracted).
+ *
+ * A run is n tokens of one sequence, consecutive positions under one block table: token j attends
+ * to the table's first L0 + j positions. A decode row is a run of 1; a speculative draft (the row's
+ * token and its k drafted ones) or a piece of a prompt chunk is a longer one. Each key and value
+ * row is read once for all n * G query heads of the run (G: the query heads of a KV head): rows
+ * come from scattered blocks, and fetching them, not the arithmetic, is the cost.
+ * AVX-512 widens a value row once for all of them; elsewhere plain loops. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define ATTEND_MAX_CHUNKS 16
@@ -86,154 +91,275 @@ static inline void prefetch_bytes(const void* row, int64_t bytes) {
 #endif
 }
 
-/* From this many rows, a task attends one row at all its KV heads (its blocks' lines, which hold
- * every head, are read while in cache: 1.2x at 32 rows); below, a task per row and KV head keeps
+/* Tokens per run at most: a draft or a prompt chunk is cut into runs of this many, so its pieces
+ * spread over the threads (a draft of 5 in one run left one of two threads idle for a third of the
+ * attention: 5-token steps after 1,500 positions 43 -> 45 ms; in runs of 3, 44 -> 41 ms). Each
+ * run's scores take ATTEND_RUN_MAX * G * (its length + D) floats (attend_work). */
+#define ATTEND_RUN_MAX 3
+
+/* From this many runs, a task attends one run at all its KV heads (its blocks' lines, which hold
+ * every head, are read while in cache: 1.2x at 32 rows); below, a task per run and KV head keeps
  * the threads busy. */
 #define ATTEND_ROWS_MIN 8
 
-/* One attend_<SUFFIX> for a cache of element type T: LOAD16 widens 16 elements to an __m512,
- * TO_F32 one element to a float. */
-#define DEFINE_ATTEND(SUFFIX, T, LOAD16, TO_F32)                                                             \
-/* KV head kh's row at the first position of the table's block b, or NULL past L positions. */               \
+/* The floats of one thread's attention work buffer for runs of up to max_len positions. */
+static inline int64_t attend_work(int64_t G, int64_t D, int64_t max_len) {
+    return ATTEND_RUN_MAX * G * (max_len + D) + 16 * D;
+}
+
+/* KV head kh's row at the first position of the table's block b, or NULL past L positions. */
+#define DEFINE_BLOCK_ROWS(SUFFIX, T)                                                                         \
 static inline const T* block_rows_##SUFFIX(const T* cache, const int64_t* table, int64_t b, int64_t L,        \
                                            int64_t bs, int64_t Hkv, int64_t kh, int64_t D) {                  \
     return b * bs < L ? cache + (table[b] * bs * Hkv + kh) * D : NULL;                                       \
-}                                                                                                            \
-                                                                                                             \
-/* og [D] = softmax(sg [L], whose max is mx) @ values; the scores become probabilities. */                   \
-static inline void attend_values_##SUFFIX(float* sg, float mx, const T* v_cache, const int64_t* table,       \
-                                          int64_t L, int64_t bs, int64_t Hkv, int64_t kh, int64_t D,          \
-                                          float* og) {                                                       \
-    const int64_t row = Hkv * D;                                                                             \
-    float total = 0.f;                                                                                       \
-    _Pragma("omp simd reduction(+:total)")                                                                   \
-    for (int64_t i = 0; i < L; i++) { sg[i] = exp_nonpositive(sg[i] - mx); total += sg[i]; }                 \
-    const float inv = 1.f / total;                                                                           \
-    ATTEND_VALUES_FAST(SUFFIX, T, LOAD16)                                                                    \
-    memset(og, 0, sizeof(float) * (size_t)D);                                                                \
-    for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
-        const int64_t span = L - t0 < bs ? L - t0 : bs;                                                      \
-        const T* vb = block_rows_##SUFFIX(v_cache, table, t0 / bs, L, bs, Hkv, kh, D);                      \
-        for (int64_t o = 0; o < span; o++) {                                                                 \
-            const T* v = vb + o * row;                                                                       \
-            const float p = sg[t0 + o];                                                                      \
-            _Pragma("omp simd")                                                                              \
-            for (int64_t d = 0; d < D; d++) og[d] += p * TO_F32(v[d]);                                       \
-        }                                                                                                    \
-    }                                                                                                        \
-    for (int64_t d = 0; d < D; d++) og[d] *= inv;                                                            \
-}                                                                                                            \
-                                                                                                             \
-static inline void attend_##SUFFIX(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, \
-                                   int64_t L, int64_t bs, int64_t Hkv, int64_t kh, int64_t G, int64_t D,      \
-                                   float scale, float* scores, float* out) {                                 \
-    /* Block by block (a division per block, not per position), each key row read once for all G heads. */   \
-    const int64_t row = Hkv * D;                                                                             \
-    float mx[G];                                                                                             \
-    for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;                                                       \
+}
+DEFINE_BLOCK_ROWS(f32, float)
+DEFINE_BLOCK_ROWS(f16, _Float16)
+
+#define DEFINE_ATTEND(SUFFIX, T, TO_F32)                                                                     \
+/* q: token j's G heads of KV head kh at q + j * q_stride; out likewise at out + j * out_stride.           \
+ * work: attend_work floats: scores [n * G][L], then the outputs' sums [n * G][D]. */                      \
+static inline void attend_run_##SUFFIX(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache, \
+                                       const int64_t* table, int64_t L0, int64_t n, int64_t bs, int64_t Hkv,  \
+                                       int64_t kh, int64_t G, int64_t D, float scale, float* work, float* out,\
+                                       int64_t out_stride) {                                                 \
+    ATTEND_RUN_FAST(SUFFIX)                                                                                  \
+    const int64_t row = Hkv * D, L = L0 + n - 1, nq = n * G;                                                 \
+    float* scores = work;                                                                                    \
+    float* sums = work + nq * L;                                                                             \
+    float mx[nq], inv[nq];                                                                                   \
+    for (int64_t r = 0; r < nq; r++) mx[r] = -INFINITY;                                                      \
+    /* keys block by block; position i is seen by the run's tokens j >= i - L0 + 1 */                      \
     for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
         const int64_t span = L - t0 < bs ? L - t0 : bs;                                                      \
         const T* kb = block_rows_##SUFFIX(k_cache, table, t0 / bs, L, bs, Hkv, kh, D);                      \
         const T* knext = block_rows_##SUFFIX(k_cache, table, t0 / bs + 1, L, bs, Hkv, kh, D);               \
         for (int64_t o = 0; o < span; o++) {                                                                 \
+            const int64_t i = t0 + o;                                                                        \
             const T* k = kb + o * row;                                                                       \
             if (knext) prefetch_bytes(knext + o * row, D * (int64_t)sizeof *k);                              \
-            for (int64_t g = 0; g < G; g++) {                                                                \
-                const float* qg = q + g * D;                                                                 \
+            for (int64_t r = (i < L0 ? 0 : i - L0 + 1) * G; r < nq; r++) {                                  \
+                const float* qg = q + r / G * q_stride + r % G * D;                                          \
                 float dot = 0.f;                                                                             \
-                ATTEND_DOT_FAST(LOAD16)                                                                      \
-                {                                                                                            \
-                    _Pragma("omp simd reduction(+:dot)")                                                     \
-                    for (int64_t d = 0; d < D; d++) dot += qg[d] * TO_F32(k[d]);                             \
-                }                                                                                            \
+                _Pragma("omp simd reduction(+:dot)")                                                         \
+                for (int64_t d = 0; d < D; d++) dot += qg[d] * TO_F32(k[d]);                                 \
                 dot *= scale;                                                                                \
-                scores[g * L + t0 + o] = dot;                                                                \
-                mx[g] = dot > mx[g] ? dot : mx[g];                                                           \
+                scores[r * L + i] = dot;                                                                     \
+                mx[r] = dot > mx[r] ? dot : mx[r];                                                           \
             }                                                                                                \
         }                                                                                                    \
     }                                                                                                        \
-    for (int64_t g = 0; g < G; g++)                                                                          \
-        attend_values_##SUFFIX(scores + g * L, mx[g], v_cache, table, L, bs, Hkv, kh, D, out + g * D);       \
+    for (int64_t r = 0; r < nq; r++) {                                                                       \
+        float* sg = scores + r * L;                                                                          \
+        const int64_t len = L0 + r / G;                                                                      \
+        const float m = mx[r];                                                                               \
+        float total = 0.f;                                                                                   \
+        _Pragma("omp simd reduction(+:total)")                                                               \
+        for (int64_t i = 0; i < len; i++) { sg[i] = exp_nonpositive(sg[i] - m); total += sg[i]; }            \
+        inv[r] = 1.f / total;                                                                                \
+    }                                                                                                        \
+    /* values: the probabilities times each row, summed in position order for every head */                \
+    memset(sums, 0, sizeof(float) * (size_t)(nq * D));                                                       \
+    for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
+        const int64_t span = L - t0 < bs ? L - t0 : bs;                                                      \
+        const T* vb = block_rows_##SUFFIX(v_cache, table, t0 / bs, L, bs, Hkv, kh, D);                      \
+        const T* vnext = block_rows_##SUFFIX(v_cache, table, t0 / bs + 1, L, bs, Hkv, kh, D);               \
+        for (int64_t o = 0; o < span; o++) {                                                                 \
+            const int64_t i = t0 + o;                                                                        \
+            const T* v = vb + o * row;                                                                       \
+            if (vnext) prefetch_bytes(vnext + o * row, D * (int64_t)sizeof *v);                              \
+            for (int64_t r = (i < L0 ? 0 : i - L0 + 1) * G; r < nq; r++) {                                  \
+                const float p = scores[r * L + i];                                                           \
+                float* s = sums + r * D;                                                                     \
+                _Pragma("omp simd")                                                                          \
+                for (int64_t d = 0; d < D; d++) s[d] += p * TO_F32(v[d]);                                    \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+    for (int64_t r = 0; r < nq; r++) {                                                                       \
+        float* og = out + r / G * out_stride + r % G * D;                                                    \
+        for (int64_t d = 0; d < D; d++) og[d] = sums[r * D + d] * inv[r];                                    \
+    }                                                                                                        \
 }
 
 #if defined(__AVX512F__)
-/* q . k for one position, two accumulators (an if/else head: the plain loop is the else) */
-#define ATTEND_DOT_FAST(LOAD16)                                                                              \
-    if (ATTEND_FAST(D)) {                                                                                    \
-        __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(qg), LOAD16(k)), a1 = _mm512_setzero_ps();                 \
-        for (int64_t c = 1; c + 1 < D / 16; c += 2) {                                                        \
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), LOAD16(k + c * 16), a1);                      \
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16 + 16), LOAD16(k + c * 16 + 16), a0);            \
-        }                                                                                                    \
-        if (D / 16 % 2 == 0) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + D - 16), LOAD16(k + D - 16), a1);     \
-        dot = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));                                                   \
-    } else
-/* the probabilities times the values, the output in registers (returns from attend_values) */
-#define ATTEND_VALUES_FAST(SUFFIX, T, LOAD16)                                                                     \
-    if (ATTEND_FAST(D)) {                                                                                    \
-        const int64_t chunks = D / 16;                                                                       \
-        __m512 acc[ATTEND_MAX_CHUNKS];                                                                       \
-        for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();                                   \
-        for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                             \
-            const int64_t span = L - t0 < bs ? L - t0 : bs;                                                  \
-            const T* vb = block_rows_##SUFFIX(v_cache, table, t0 / bs, L, bs, Hkv, kh, D);                  \
-            const T* vnext = block_rows_##SUFFIX(v_cache, table, t0 / bs + 1, L, bs, Hkv, kh, D);           \
-            for (int64_t o = 0; o < span; o++) {                                                             \
-                const T* v = vb + o * row;                                                                   \
-                if (vnext) prefetch_bytes(vnext + o * row, D * (int64_t)sizeof *v);                          \
-                const __m512 p = _mm512_set1_ps(sg[t0 + o]);                                                 \
-                for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, LOAD16(v + c * 16), acc[c]); \
+/* Row o of 16 goes into slot ATTEND_SLOT[o] so that sum16 returns the rows' sums in order. */
+static const int ATTEND_SLOT[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
+/* The sums of 16 vectors' lanes as one vector, by a transpose-and-add tree: 15 additions and 30
+ * shuffles instead of 16 horizontal sums. (Decode attention is bound by fetching rows, not by this
+ * arithmetic: the tree is about even with a sum per score; it lets a run's scores be stored and
+ * compared 16 at a time.) */
+static inline __m512 sum16(const __m512* p) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(p[i], p[i + 8], 0x44), _mm512_shuffle_f32x4(p[i], p[i + 8], 0xEE));
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[i], b[i + 2], 0x44), _mm512_shuffle_ps(b[i], b[i + 2], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+
+/* attend_run for D a multiple of 16: 16 positions at a time, their rows widened to float32 once
+ * (rows: a [16][D] staging area) for all the run's heads; scores as 16-lane vectors, values
+ * summed per head in registers. */
+#define DEFINE_ATTEND_FAST(SUFFIX, T, LOAD16)                                                                \
+static inline void attend_run_fast_##SUFFIX(const float* q, int64_t q_stride, const T* k_cache,              \
+                                            const T* v_cache, const int64_t* table, int64_t L0, int64_t n,    \
+                                            int64_t bs, int64_t Hkv, int64_t kh, int64_t G, int64_t D,        \
+                                            float scale, float* work, float* out, int64_t out_stride) {       \
+    const int64_t row = Hkv * D, L = L0 + n - 1, nq = n * G, chunks = D / 16;                                \
+    float* scores = work;                                                                                    \
+    float* sums = work + nq * L;                                                                             \
+    float* rows = sums + nq * D;                                                                             \
+    float mx[nq];                                                                                            \
+    for (int64_t r = 0; r < nq; r++) mx[r] = -INFINITY;                                                      \
+    for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
+        const int64_t span = L - t0 < bs ? L - t0 : bs;                                                      \
+        const T* kb = block_rows_##SUFFIX(k_cache, table, t0 / bs, L, bs, Hkv, kh, D);                      \
+        const T* knext = block_rows_##SUFFIX(k_cache, table, t0 / bs + 1, L, bs, Hkv, kh, D);               \
+        for (int64_t o0 = 0; o0 < span; o0 += 16) {                                                          \
+            const int64_t m = span - o0 < 16 ? span - o0 : 16, i0 = t0 + o0;                                 \
+            for (int64_t o = 0; o < 16; o++)                                                                 \
+                for (int64_t c = 0; c < chunks; c++)                                                         \
+                    _mm512_storeu_ps(rows + o * D + c * 16,                                                  \
+                                     o < m ? LOAD16(kb + (o0 + o) * row + c * 16) : _mm512_setzero_ps());    \
+            if (knext)                                                                                       \
+                for (int64_t o = 0; o < m; o++) prefetch_bytes(knext + (o0 + o) * row, D * (int64_t)sizeof(T)); \
+            for (int64_t r = (i0 < L0 ? 0 : i0 - L0 + 1) * G; r < nq; r++) {                                \
+                const float* qg = q + r / G * q_stride + r % G * D;                                          \
+                const int64_t seen = L0 + r / G - i0, valid = seen < m ? seen : m;                           \
+                __m512 part[16];                                                                             \
+                for (int o = 0; o < 16; o++) part[o] = _mm512_setzero_ps();                                  \
+                for (int64_t c = 0; c < chunks; c++) {                                                       \
+                    const __m512 qc = _mm512_loadu_ps(qg + c * 16);                                          \
+                    for (int o = 0; o < 16; o++)                                                             \
+                        part[ATTEND_SLOT[o]] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(rows + o * D + c * 16),    \
+                                                               part[ATTEND_SLOT[o]]);                        \
+                }                                                                                            \
+                const __m512 sc = _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale));                         \
+                const __mmask16 lanes = (__mmask16)((1u << valid) - 1);                                      \
+                _mm512_mask_storeu_ps(scores + r * L + i0, lanes, sc);                                       \
+                const float top = _mm512_mask_reduce_max_ps(lanes, sc);                                      \
+                mx[r] = top > mx[r] ? top : mx[r];                                                           \
             }                                                                                                \
         }                                                                                                    \
-        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(og + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv))); \
+    }                                                                                                        \
+    float inv[nq];                                                                                           \
+    for (int64_t r = 0; r < nq; r++) {                                                                       \
+        float* sg = scores + r * L;                                                                          \
+        const int64_t len = L0 + r / G;                                                                      \
+        const float top = mx[r];                                                                             \
+        float total = 0.f;                                                                                   \
+        _Pragma("omp simd reduction(+:total)")                                                               \
+        for (int64_t i = 0; i < len; i++) { sg[i] = exp_nonpositive(sg[i] - top); total += sg[i]; }          \
+        inv[r] = 1.f / total;                                                                                \
+    }                                                                                                        \
+    memset(sums, 0, sizeof(float) * (size_t)(nq * D));                                                       \
+    for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
+        const int64_t span = L - t0 < bs ? L - t0 : bs;                                                      \
+        const T* vb = block_rows_##SUFFIX(v_cache, table, t0 / bs, L, bs, Hkv, kh, D);                      \
+        const T* vnext = block_rows_##SUFFIX(v_cache, table, t0 / bs + 1, L, bs, Hkv, kh, D);               \
+        for (int64_t o0 = 0; o0 < span; o0 += 16) {                                                          \
+            const int64_t m = span - o0 < 16 ? span - o0 : 16, i0 = t0 + o0;                                 \
+            for (int64_t o = 0; o < m; o++)                                                                  \
+                for (int64_t c = 0; c < chunks; c++)                                                         \
+                    _mm512_storeu_ps(rows + o * D + c * 16, LOAD16(vb + (o0 + o) * row + c * 16));           \
+            if (vnext)                                                                                       \
+                for (int64_t o = 0; o < m; o++) prefetch_bytes(vnext + (o0 + o) * row, D * (int64_t)sizeof(T)); \
+            for (int64_t r = (i0 < L0 ? 0 : i0 - L0 + 1) * G; r < nq; r++) {                                \
+                const float* p = scores + r * L + i0;                                                        \
+                const int64_t seen = L0 + r / G - i0, valid = seen < m ? seen : m;                           \
+                for (int64_t c = 0; c < chunks; c++) {                                                       \
+                    __m512 acc = _mm512_loadu_ps(sums + r * D + c * 16);                                     \
+                    for (int64_t o = 0; o < valid; o++)                                                      \
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(p[o]), _mm512_loadu_ps(rows + o * D + c * 16), acc); \
+                    _mm512_storeu_ps(sums + r * D + c * 16, acc);                                            \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+    for (int64_t r = 0; r < nq; r++) {                                                                       \
+        float* og = out + r / G * out_stride + r % G * D;                                                    \
+        for (int64_t c = 0; c < chunks; c++)                                                                 \
+            _mm512_storeu_ps(og + c * 16, _mm512_mul_ps(_mm512_loadu_ps(sums + r * D + c * 16),              \
+                                                        _mm512_set1_ps(inv[r])));                           \
+    }                                                                                                        \
+}
+DEFINE_ATTEND_FAST(f32, float, LOAD16_F32)
+DEFINE_ATTEND_FAST(f16, _Float16, LOAD16_F16)
+#define ATTEND_RUN_FAST(SUFFIX)                                                                              \
+    if (ATTEND_FAST(D)) {                                                                                    \
+        attend_run_fast_##SUFFIX(q, q_stride, k_cache, v_cache, table, L0, n, bs, Hkv, kh, G, D, scale, work, \
+                                 out, out_stride);                                                           \
         return;                                                                                              \
     }
-DEFINE_ATTEND(f32, float, LOAD16_F32, TO_F32_F32)
-DEFINE_ATTEND(f16, _Float16, LOAD16_F16, TO_F32_F16)
 #else
-#define ATTEND_DOT_FAST(LOAD16)
-#define ATTEND_VALUES_FAST(SUFFIX, T, LOAD16)
-DEFINE_ATTEND(f32, float, , TO_F32_F32)
-DEFINE_ATTEND(f16, _Float16, , TO_F32_F16)
+#define ATTEND_RUN_FAST(SUFFIX)
 #endif
+DEFINE_ATTEND(f32, float, TO_F32_F32)
+DEFINE_ATTEND(f16, _Float16, TO_F32_F16)
 
-/* The attention of T query tokens, shared by the threads of an enclosing parallel region (an
- * orphaned `omp for`): token t's Hkv * G query heads at q + t * q_stride, its block table at
- * tables + t * table_stride, its first lens[t] + len_add positions of a float32 or (kv_f16)
- * float16 cache; out [T, Hkv * G, D]. scores: this thread's G * (longest length) floats, or NULL
- * (it could not get them: it skips its share, and the caller reports the failure). One task per
- * token and KV head, or per token from ATTEND_ROWS_MIN tokens. */
-static inline void attend_one(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache,
-                              int kv_f16, const int64_t* tables, int64_t table_stride, const int64_t* lens,
-                              int64_t len_add, int64_t t, int64_t kh, int64_t Hkv, int64_t G, int64_t D,
-                              int64_t bs, float scale, float* scores, float* out) {
-    if (!scores) return;
+/* Where runs of up to ATTEND_RUN_MAX tokens start (runs[0..count], runs[count] = T): token t + 1
+ * continues token t's run when it is the next position under the same block table. tables,
+ * table_stride, lens, len_add: as attend_tokens_shared's. runs: T + 1 int64s. */
+static inline int64_t attend_runs(const int64_t* tables, int64_t table_stride, const int64_t* lens, int64_t len_add,
+                                  int64_t T, int64_t bs, int64_t* runs) {
+    int64_t count = 0;
+    for (int64_t t = 0; t < T; t++) {
+        const int same = t > 0 && t - runs[count - 1] < ATTEND_RUN_MAX && lens[t] == lens[t - 1] + 1 &&
+                         memcmp(tables + t * table_stride, tables + (t - 1) * table_stride,
+                                sizeof(int64_t) * (size_t)((lens[t] + len_add + bs - 1) / bs)) == 0;
+        if (!same) runs[count++] = t;
+    }
+    runs[count] = T;
+    return count;
+}
+
+/* The attention of T query tokens in `count` runs (attend_runs; NULL: every token its own run),
+ * shared by the threads of an enclosing parallel region (an orphaned `omp for`): token t's
+ * Hkv * G query heads at q + t * q_stride, its block table at tables + t * table_stride, its first
+ * lens[t] + len_add positions of a float32 or (kv_f16) float16 cache; out [T, Hkv * G, D]. work:
+ * this thread's attend_work floats for the longest length, or NULL (it could not get them: it
+ * skips its share, and the caller reports the failure). One task per run and KV head, or per run
+ * from ATTEND_ROWS_MIN runs. */
+static inline void attend_run(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache, int kv_f16,
+                              const int64_t* tables, int64_t table_stride, const int64_t* lens, int64_t len_add,
+                              int64_t t, int64_t n, int64_t kh, int64_t Hkv, int64_t G, int64_t D, int64_t bs,
+                              float scale, float* work, float* out) {
+    if (!work) return;
     const float* qt = q + t * q_stride + kh * G * D;
     float* ot = out + (t * Hkv + kh) * G * D;
     if (kv_f16)
-        attend_f16(qt, k_cache, v_cache, tables + t * table_stride, lens[t] + len_add, bs, Hkv, kh, G, D, scale,
-                   scores, ot);
+        attend_run_f16(qt, q_stride, k_cache, v_cache, tables + t * table_stride, lens[t] + len_add, n, bs, Hkv, kh,
+                       G, D, scale, work, ot, Hkv * G * D);
     else
-        attend_f32(qt, k_cache, v_cache, tables + t * table_stride, lens[t] + len_add, bs, Hkv, kh, G, D, scale,
-                   scores, ot);
+        attend_run_f32(qt, q_stride, k_cache, v_cache, tables + t * table_stride, lens[t] + len_add, n, bs, Hkv, kh,
+                       G, D, scale, work, ot, Hkv * G * D);
 }
 
 static inline void attend_tokens_shared(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache,
                                         int kv_f16, const int64_t* tables, int64_t table_stride,
-                                        const int64_t* lens, int64_t len_add, int64_t T, int64_t Hkv, int64_t G,
-                                        int64_t D, int64_t bs, float scale, float* scores, float* out) {
-#define ATTEND_ONE(t, kh) attend_one(q, q_stride, k_cache, v_cache, kv_f16, tables, table_stride, lens, len_add, \
-                                     t, kh, Hkv, G, D, bs, scale, scores, out)
-    if (T >= ATTEND_ROWS_MIN) {
+                                        const int64_t* lens, int64_t len_add, int64_t T, const int64_t* runs,
+                                        int64_t count, int64_t Hkv, int64_t G, int64_t D, int64_t bs, float scale,
+                                        float* work, float* out) {
+    if (!runs) count = T;
+#define RUN_START(u) (runs ? runs[u] : (u))
+#define ATTEND_RUN(u, kh) attend_run(q, q_stride, k_cache, v_cache, kv_f16, tables, table_stride, lens, len_add, \
+                                     RUN_START(u), RUN_START((u) + 1) - RUN_START(u), kh, Hkv, G, D, bs, scale, \
+                                     work, out)
+    if (count >= ATTEND_ROWS_MIN) {
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t kh = 0; kh < Hkv; kh++) ATTEND_ONE(t, kh);
+        for (int64_t u = 0; u < count; u++)
+            for (int64_t kh = 0; kh < Hkv; kh++) ATTEND_RUN(u, kh);
     } else {
 #pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t kh = 0; kh < Hkv; kh++) ATTEND_ONE(t, kh);
+        for (int64_t u = 0; u < count; u++)
+            for (int64_t kh = 0; kh < Hkv; kh++) ATTEND_RUN(u, kh);
     }
-#undef ATTEND_ONE
+#undef ATTEND_RUN
+#undef RUN_START
 }
 
 #endif

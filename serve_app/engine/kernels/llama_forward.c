@@ -71,10 +71,14 @@ int llama_forward(const LlamaLayer* layers, const LlamaShape* shape, const float
     float* act = gate_up + T * 2 * I;
     int64_t max_len = 0;
     for (int64_t t = 0; t < T; t++) max_len = positions[t] + 1 > max_len ? positions[t] + 1 : max_len;
+    /* a draft's tokens, or a prompt chunk's, attend as runs that read each key and value row once */
+    int64_t* runs = (int64_t*)malloc(sizeof(int64_t) * (size_t)(T + 1));
+    if (!runs) return 1;
+    const int64_t run_count = attend_runs(tables, table_stride, positions, 1, T, block_size, runs);
     int failed = 0;
 #pragma omp parallel
     {
-        float* work = (float*)malloc(sizeof(float) * (size_t)(G * max_len));  /* attention scores */
+        float* work = (float*)malloc(sizeof(float) * (size_t)attend_work(G, D, max_len));  /* attention scores */
         if (!work) {
 #pragma omp atomic write
             failed = 1;
@@ -108,7 +112,7 @@ int llama_forward(const LlamaLayer* layers, const LlamaShape* shape, const float
                 }
                 /* attention: token t over its first positions[t] + 1 positions */
                 attend_tokens_shared(qkv, row_heads * D, w->k_cache, w->v_cache, kv_f16, tables, table_stride,
-                                     positions, 1, T, Hkv, G, D, block_size, scale, work, attn);
+                                     positions, 1, T, runs, run_count, Hkv, G, D, block_size, scale, work, attn);
                 linear_bf16w_shared(attn, w->o, w->o_bias, proj, T, H, Hq * D);
                 add_rms_norm_shared(x, proj, w->post_norm, h, T, H, eps);
                 if (I % 32 == 0) {  /* linear_bf16w.c's block width */
@@ -123,5 +127,6 @@ int llama_forward(const LlamaLayer* layers, const LlamaShape* shape, const float
         }
         free(work);
     }
+    free(runs);
     return failed;
 }

@@ -101,12 +101,12 @@ static int paged_decode_attention_f32(const float* q, const void* k_cache, const
     int failed = 0;
 #pragma omp parallel
     {
-        float* scores = (float*)malloc(sizeof(float) * (size_t)(G * max_len));
+        float* scores = (float*)malloc(sizeof(float) * (size_t)attend_work(G, D, max_len));
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
         }
-        attend_tokens_shared(q, Hq * D, k_cache, v_cache, kv_f16, block_tables, bt_stride, lens, 0, N, Hkv, G, D, bs,
+        attend_tokens_shared(q, Hq * D, k_cache, v_cache, kv_f16, block_tables, bt_stride, lens, 0, N, NULL, 0, Hkv, G, D, bs,
                              scale, scores, out);
         free(scores);
     }
