@@ -157,6 +157,9 @@ VARIANTS = {
     "redeployed": ("serve_app, redeployed", lambda chat: chat),
     "float32": ("serve_app, float32", lambda chat: {**chat, "dtype": "float32"}),
     "kv-float32": ("serve_app, float32 KV cache", lambda chat: {**chat, "kv_cache_dtype": "float32"}),
+    # Prompt-lookup drafts make a stream message carry several tokens, each after a longer step:
+    # run with `--only "concurrency 1"` to see the message gap without them.
+    "no-speculation": ("serve_app, no speculation", lambda chat: {**chat, "num_speculative_tokens": 0}),
 }
 
 
@@ -384,6 +387,8 @@ def ratios(runs: list[dict], offline: dict | None, llama_types=(), replicas: int
                 ("multiturn_first_ttft_vs_llama_cpp", MULTITURN, lambda r: r["first_turn_ttft_s"]["p50"]),
                 ("multiturn_tok_s_vs_llama_cpp", MULTITURN, lambda r: r["output_tokens_per_s"])):
             peers[f"{key}_{tag}"] = over(find("serve_app", label), find(name, label), figure)
+        peers[f"c1_itl_p50_no_speculation_vs_llama_cpp_{tag}"] = over(
+            find(VARIANTS["no-speculation"][0], "concurrency 1"), find(name, "concurrency 1"), lambda r: r["itl_s"]["p50"])
     peers["multiturn_cached_fraction"] = mt and mt["cached_fraction"]
     if replicas > 1:
         for key, system in (("multiturn_cached_fraction_replicas_vs_1", f"serve_app ×{replicas}"),
@@ -440,6 +445,8 @@ def targets(llama_types=(), replicas: int = 1) -> list[tuple[str, str, float | N
         rows += [
             (f"closed_loop_vs_llama_cpp_{tag}", f"closed loop c=32 mixed, steady tok/s ÷ {peer}", 1.0, True),
             (f"c1_itl_p50_vs_llama_cpp_{tag}", f"concurrency 1 ITL p50 ÷ {peer}", 1.0, False),
+            (f"c1_itl_p50_no_speculation_vs_llama_cpp_{tag}",
+             f"concurrency 1 ITL p50, speculation off (variant no-speculation) ÷ {peer}", None, False),
             (f"prefill_2k_ttft_vs_llama_cpp_{tag}", f"2,000-token prompt, TTFT ÷ {peer}", 1.0, False),
             (f"multiturn_later_ttft_vs_llama_cpp_{tag}", f"multi-turn chat, later turns TTFT p50 ÷ {peer}", 1.0, False),
             # No goal of their own: beside the later turns, they say where a miss comes from.
