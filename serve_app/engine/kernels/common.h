@@ -107,6 +107,21 @@ static inline int64_t attend_work(int64_t G, int64_t D, int64_t max_len) {
     return ATTEND_RUN_MAX * G * (max_len + D) + 16 * D;
 }
 
+/* Scores [nq][L] (query r of a run's token r / G sees its first L0 + r / G) become probabilities
+ * in place, max mx[r] subtracted; inv[r] = 1 / their sum. */
+static inline void attend_softmax(float* scores, int64_t L, int64_t L0, int64_t G, int64_t nq, const float* mx,
+                                  float* inv) {
+    for (int64_t r = 0; r < nq; r++) {
+        float* sg = scores + r * L;
+        const int64_t len = L0 + r / G;
+        const float top = mx[r];
+        float total = 0.f;
+#pragma omp simd reduction(+:total)
+        for (int64_t i = 0; i < len; i++) { sg[i] = exp_nonpositive(sg[i] - top); total += sg[i]; }
+        inv[r] = 1.f / total;
+    }
+}
+
 /* KV head kh's row at the first position of the table's block b, or NULL past L positions. */
 #define DEFINE_BLOCK_ROWS(SUFFIX, T)                                                                         \
 static inline const T* block_rows_##SUFFIX(const T* cache, const int64_t* table, int64_t b, int64_t L,        \
@@ -149,15 +164,7 @@ static inline void attend_run_##SUFFIX(const float* q, int64_t q_stride, const T
             }                                                                                                \
         }                                                                                                    \
     }                                                                                                        \
-    for (int64_t r = 0; r < nq; r++) {                                                                       \
-        float* sg = scores + r * L;                                                                          \
-        const int64_t len = L0 + r / G;                                                                      \
-        const float m = mx[r];                                                                               \
-        float total = 0.f;                                                                                   \
-        _Pragma("omp simd reduction(+:total)")                                                               \
-        for (int64_t i = 0; i < len; i++) { sg[i] = exp_nonpositive(sg[i] - m); total += sg[i]; }            \
-        inv[r] = 1.f / total;                                                                                \
-    }                                                                                                        \
+    attend_softmax(scores, L, L0, G, nq, mx, inv);                                                           \
     /* values: the probabilities times each row, summed in position order for every head */                \
     memset(sums, 0, sizeof(float) * (size_t)(nq * D));                                                       \
     for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
@@ -247,15 +254,7 @@ static inline void attend_run_fast_##SUFFIX(const float* q, int64_t q_stride, co
         }                                                                                                    \
     }                                                                                                        \
     float inv[nq];                                                                                           \
-    for (int64_t r = 0; r < nq; r++) {                                                                       \
-        float* sg = scores + r * L;                                                                          \
-        const int64_t len = L0 + r / G;                                                                      \
-        const float top = mx[r];                                                                             \
-        float total = 0.f;                                                                                   \
-        _Pragma("omp simd reduction(+:total)")                                                               \
-        for (int64_t i = 0; i < len; i++) { sg[i] = exp_nonpositive(sg[i] - top); total += sg[i]; }          \
-        inv[r] = 1.f / total;                                                                                \
-    }                                                                                                        \
+    attend_softmax(scores, L, L0, G, nq, mx, inv);                                                           \
     memset(sums, 0, sizeof(float) * (size_t)(nq * D));                                                       \
     for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
         const int64_t span = L - t0 < bs ? L - t0 : bs;                                                      \
