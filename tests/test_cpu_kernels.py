@@ -10,12 +10,15 @@
   (one read of each row for all of them) through the engines below, blocks of 16 and 5;
 - end to end: an engine on bf16 weights (the kernel) gives the same greedy tokens as an engine
   on the same weights widened to float32 (oneDNN/MKL), on the lively model whose greedy output
-  changes from token to token.
+  changes from token to token;
+- the same kernels built for an AVX2 CPU (-march=haswell), whose plain-C paths this AVX-512
+  machine would otherwise never run.
 """
 
 from __future__ import annotations
 
 import copy
+import platform
 
 import pytest
 import torch
@@ -192,3 +195,27 @@ def test_drafts_and_prompt_chunks_attend_in_runs_across_block_edges(lively_model
     assert engines["bf16"].runner._fused is not None
     assert engines["bf16"].kv.block_size == 5
     assert engines["bf16"].accepted_draft_tokens > 0
+
+
+@pytest.fixture
+def built_without_avx512(monkeypatch):
+    """The kernels as gcc builds them for an AVX2 CPU (-march=haswell: AVX2, FMA, F16C; no AVX-512):
+    the plain-C paths that laptops and AMD CPUs before Zen 4 run, which this machine would not."""
+    if platform.machine() != "x86_64":
+        pytest.skip("-march=haswell is an x86 target")
+    monkeypatch.setattr(cpu_kernels, "FLAGS", [f if f != "-march=native" else "-march=haswell"
+                                               for f in cpu_kernels.FLAGS])
+    cpu_kernels.library.cache_clear()
+    if cpu_kernels.library() is None:
+        pytest.fail("the kernels did not build for -march=haswell")
+    yield
+    cpu_kernels.library.cache_clear()
+
+
+def test_the_kernels_built_without_avx512_attend_and_decode_alike(built_without_avx512, lively_model):
+    """The plain attention (float16 rows widened with F16C, not one element at a time) against the
+    gathered reference, and an engine with drafts and short prompts on bf16 weights against float32."""
+    for rows, head_dim, cache_dtype, bs in ((3, 64, torch.float16, 5), (40, 64, torch.float16, 16),
+                                            (12, 48, torch.float32, 16)):
+        test_paged_decode_attention_equals_attention_over_gathered_blocks(rows, head_dim, cache_dtype, bs)
+    test_drafts_and_prompt_chunks_attend_in_runs_across_block_edges(lively_model, "float16")

@@ -68,8 +68,10 @@ static inline void rotate_head(float* v, const float* c, const float* s, int64_t
  * row is read once for all n * G query heads of the run (G: the query heads of a KV head): rows
  * come from scattered blocks, and fetching them, not the arithmetic, is the cost.
  * AVX-512 widens a value row once for all of them; elsewhere plain loops. */
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
 #define ATTEND_MAX_CHUNKS 16
 #define ATTEND_FAST(D) ((D) % 16 == 0 && (D) <= 16 * ATTEND_MAX_CHUNKS)
 #define LOAD16_F32(p) _mm512_loadu_ps(p)
@@ -77,8 +79,6 @@ static inline void rotate_head(float* v, const float* c, const float* s, int64_t
 #else
 #define ATTEND_FAST(D) 0
 #endif
-#define TO_F32_F32(x) (x)
-#define TO_F32_F16(x) ((float)(x))
 
 /* Rows of a block table are scattered in memory (a block of bs positions here, the next anywhere),
  * so the hardware prefetcher cannot follow them: the loops below fetch the next block's row o
@@ -122,6 +122,23 @@ static inline void attend_softmax(float* scores, int64_t L, int64_t L0, int64_t 
     }
 }
 
+/* A cache row as float32: a float32 row as it is; a float16 one widened into buf (F16C where the
+ * CPU has it: gcc leaves a plain _Float16 loop scalar, which made the plain attention ~6x slower
+ * than over a float32 cache). */
+static inline const float* widen_row_f32(const float* row, float* buf, int64_t D) {
+    (void)buf; (void)D;
+    return row;
+}
+
+static inline const float* widen_row_f16(const _Float16* row, float* buf, int64_t D) {
+    int64_t d = 0;
+#if defined(__F16C__)
+    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(buf + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + d))));
+#endif
+    for (; d < D; d++) buf[d] = (float)row[d];
+    return buf;
+}
+
 /* KV head kh's row at the first position of the table's block b, or NULL past L positions. */
 #define DEFINE_BLOCK_ROWS(SUFFIX, T)                                                                         \
 static inline const T* block_rows_##SUFFIX(const T* cache, const int64_t* table, int64_t b, int64_t L,        \
@@ -131,7 +148,7 @@ static inline const T* block_rows_##SUFFIX(const T* cache, const int64_t* table,
 DEFINE_BLOCK_ROWS(f32, float)
 DEFINE_BLOCK_ROWS(f16, _Float16)
 
-#define DEFINE_ATTEND(SUFFIX, T, TO_F32)                                                                     \
+#define DEFINE_ATTEND(SUFFIX, T)                                                                     \
 /* q: token j's G heads of KV head kh at q + j * q_stride; out likewise at out + j * out_stride.           \
  * work: attend_work floats: scores [n * G][L], then the outputs' sums [n * G][D]. */                      \
 static inline void attend_run_##SUFFIX(const float* q, int64_t q_stride, const T* k_cache, const T* v_cache, \
@@ -142,7 +159,7 @@ static inline void attend_run_##SUFFIX(const float* q, int64_t q_stride, const T
     const int64_t row = Hkv * D, L = L0 + n - 1, nq = n * G;                                                 \
     float* scores = work;                                                                                    \
     float* sums = work + nq * L;                                                                             \
-    float mx[nq], inv[nq];                                                                                   \
+    float mx[nq], inv[nq], rowbuf[D];                                                                        \
     for (int64_t r = 0; r < nq; r++) mx[r] = -INFINITY;                                                      \
     /* keys block by block; position i is seen by the run's tokens j >= i - L0 + 1 */                      \
     for (int64_t t0 = 0; t0 < L; t0 += bs) {                                                                 \
@@ -151,13 +168,13 @@ static inline void attend_run_##SUFFIX(const float* q, int64_t q_stride, const T
         const T* knext = block_rows_##SUFFIX(k_cache, table, t0 / bs + 1, L, bs, Hkv, kh, D);               \
         for (int64_t o = 0; o < span; o++) {                                                                 \
             const int64_t i = t0 + o;                                                                        \
-            const T* k = kb + o * row;                                                                       \
-            if (knext) prefetch_bytes(knext + o * row, D * (int64_t)sizeof *k);                              \
+            if (knext) prefetch_bytes(knext + o * row, D * (int64_t)sizeof(T));                              \
+            const float* k = widen_row_##SUFFIX(kb + o * row, rowbuf, D);                                    \
             for (int64_t r = (i < L0 ? 0 : i - L0 + 1) * G; r < nq; r++) {                                  \
                 const float* qg = q + r / G * q_stride + r % G * D;                                          \
                 float dot = 0.f;                                                                             \
                 _Pragma("omp simd reduction(+:dot)")                                                         \
-                for (int64_t d = 0; d < D; d++) dot += qg[d] * TO_F32(k[d]);                                 \
+                for (int64_t d = 0; d < D; d++) dot += qg[d] * k[d];                                         \
                 dot *= scale;                                                                                \
                 scores[r * L + i] = dot;                                                                     \
                 mx[r] = dot > mx[r] ? dot : mx[r];                                                           \
@@ -173,13 +190,13 @@ static inline void attend_run_##SUFFIX(const float* q, int64_t q_stride, const T
         const T* vnext = block_rows_##SUFFIX(v_cache, table, t0 / bs + 1, L, bs, Hkv, kh, D);               \
         for (int64_t o = 0; o < span; o++) {                                                                 \
             const int64_t i = t0 + o;                                                                        \
-            const T* v = vb + o * row;                                                                       \
-            if (vnext) prefetch_bytes(vnext + o * row, D * (int64_t)sizeof *v);                              \
+            if (vnext) prefetch_bytes(vnext + o * row, D * (int64_t)sizeof(T));                              \
+            const float* v = widen_row_##SUFFIX(vb + o * row, rowbuf, D);                                    \
             for (int64_t r = (i < L0 ? 0 : i - L0 + 1) * G; r < nq; r++) {                                  \
                 const float p = scores[r * L + i];                                                           \
                 float* s = sums + r * D;                                                                     \
                 _Pragma("omp simd")                                                                          \
-                for (int64_t d = 0; d < D; d++) s[d] += p * TO_F32(v[d]);                                    \
+                for (int64_t d = 0; d < D; d++) s[d] += p * v[d];                                            \
             }                                                                                                \
         }                                                                                                    \
     }                                                                                                        \
@@ -297,8 +314,8 @@ DEFINE_ATTEND_FAST(f16, _Float16, LOAD16_F16)
 #else
 #define ATTEND_RUN_FAST(SUFFIX)
 #endif
-DEFINE_ATTEND(f32, float, TO_F32_F32)
-DEFINE_ATTEND(f16, _Float16, TO_F32_F16)
+DEFINE_ATTEND(f32, float)
+DEFINE_ATTEND(f16, _Float16)
 
 /* Where runs of up to ATTEND_RUN_MAX tokens start (runs[0..count], runs[count] = T): token t + 1
  * continues token t's run when it is the next position under the same block table. tables,
