@@ -20,7 +20,13 @@
 #include "common.h"
 
 #define NB 32  /* output columns per block: two AVX-512 vectors */
+#if defined(__AVX512F__)
 #define MR 12  /* rows per tile: 24 accumulators + 2 weight vectors + 1 broadcast fit 32 registers */
+#else
+/* the plain tile: 3 rows x 32 columns of accumulators + the widened weights fill AVX2's 16 (or NEON's
+ * 32) registers; 12 rows spilled them (-march=haswell here: 254-token prompt steps 868 -> 664 ms) */
+#define MR 3
+#endif
 #define PREFETCH 64  /* rows of a block ahead (4 KB): 1.2-1.3x at one row on a 2-core VM */
 
 
