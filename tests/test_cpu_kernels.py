@@ -213,8 +213,11 @@ def built_without_avx512(monkeypatch):
 
 
 def test_the_kernels_built_without_avx512_attend_and_decode_alike(built_without_avx512, lively_model):
-    """The plain attention (float16 rows widened with F16C, not one element at a time) against the
-    gathered reference, and an engine with drafts and short prompts on bf16 weights against float32."""
+    """The plain product tile (3 rows at a time) and attention (float16 rows widened with F16C, not
+    one element at a time) against their references, and an engine with drafts and short prompts
+    on bf16 weights against float32."""
+    for rows in (1, 2, 3, 4, 7, 40):
+        test_bf16_weight_linear_equals_a_float32_product(rows, 70, 37, True)
     for rows, head_dim, cache_dtype, bs in ((3, 64, torch.float16, 5), (40, 64, torch.float16, 16),
                                             (12, 48, torch.float32, 16)):
         test_paged_decode_attention_equals_attention_over_gathered_blocks(rows, head_dim, cache_dtype, bs)
