@@ -107,6 +107,17 @@ static inline int64_t attend_work(int64_t G, int64_t D, int64_t max_len) {
     return ATTEND_RUN_MAX * G * (max_len + D) + 16 * D;
 }
 
+/* A run's causal rule: query r belongs to token r / G, which sees the first L0 + r / G positions.
+ * The first query that sees position i, and how many of the m positions from i0 query r sees. */
+static inline int64_t first_query_seeing(int64_t i, int64_t L0, int64_t G) {
+    return (i < L0 ? 0 : i - L0 + 1) * G;
+}
+
+static inline int64_t positions_seen(int64_t r, int64_t G, int64_t L0, int64_t i0, int64_t m) {
+    const int64_t seen = L0 + r / G - i0;
+    return seen < m ? seen : m;
+}
+
 /* Scores [nq][L] (query r of a run's token r / G sees its first L0 + r / G) become probabilities
  * in place, max mx[r] subtracted; inv[r] = 1 / their sum. */
 static inline void attend_softmax(float* scores, int64_t L, int64_t L0, int64_t G, int64_t nq, const float* mx,
@@ -170,7 +181,7 @@ static inline void attend_run_##SUFFIX(const float* q, int64_t q_stride, const T
             const int64_t i = t0 + o;                                                                        \
             if (knext) prefetch_bytes(knext + o * row, D * (int64_t)sizeof(T));                              \
             const float* k = widen_row_##SUFFIX(kb + o * row, rowbuf, D);                                    \
-            for (int64_t r = (i < L0 ? 0 : i - L0 + 1) * G; r < nq; r++) {                                  \
+            for (int64_t r = first_query_seeing(i, L0, G); r < nq; r++) {                                  \
                 const float* qg = q + r / G * q_stride + r % G * D;                                          \
                 float dot = 0.f;                                                                             \
                 _Pragma("omp simd reduction(+:dot)")                                                         \
@@ -192,7 +203,7 @@ static inline void attend_run_##SUFFIX(const float* q, int64_t q_stride, const T
             const int64_t i = t0 + o;                                                                        \
             if (vnext) prefetch_bytes(vnext + o * row, D * (int64_t)sizeof(T));                              \
             const float* v = widen_row_##SUFFIX(vb + o * row, rowbuf, D);                                    \
-            for (int64_t r = (i < L0 ? 0 : i - L0 + 1) * G; r < nq; r++) {                                  \
+            for (int64_t r = first_query_seeing(i, L0, G); r < nq; r++) {                                  \
                 const float p = scores[r * L + i];                                                           \
                 float* s = sums + r * D;                                                                     \
                 _Pragma("omp simd")                                                                          \
@@ -229,6 +240,17 @@ static inline __m512 sum16(const __m512* p) {
  * (rows: a [16][D] staging area) for all the run's heads; scores as 16-lane vectors, values
  * summed per head in registers. */
 #define DEFINE_ATTEND_FAST(SUFFIX, T, LOAD16)                                                                \
+/* rows [16][D] = m cache rows from src (stride `row`) widened to float32, the rest zeros; the rows  \
+ * at the same offsets of the next block (next, or NULL) fetched meanwhile. */                            \
+static inline void stage_rows_##SUFFIX(float* rows, const T* src, const T* next, int64_t row, int64_t m,     \
+                                       int64_t D) {                                                          \
+    for (int64_t o = 0; o < 16; o++)                                                                         \
+        for (int64_t c = 0; c < D / 16; c++)                                                                 \
+            _mm512_storeu_ps(rows + o * D + c * 16, o < m ? LOAD16(src + o * row + c * 16) : _mm512_setzero_ps()); \
+    if (next)                                                                                                \
+        for (int64_t o = 0; o < m; o++) prefetch_bytes(next + o * row, D * (int64_t)sizeof(T));              \
+}                                                                                                            \
+                                                                                                             \
 static inline void attend_run_fast_##SUFFIX(const float* q, int64_t q_stride, const T* k_cache,              \
                                             const T* v_cache, const int64_t* table, int64_t L0, int64_t n,    \
                                             int64_t bs, int64_t Hkv, int64_t kh, int64_t G, int64_t D,        \
@@ -245,15 +267,10 @@ static inline void attend_run_fast_##SUFFIX(const float* q, int64_t q_stride, co
         const T* knext = block_rows_##SUFFIX(k_cache, table, t0 / bs + 1, L, bs, Hkv, kh, D);               \
         for (int64_t o0 = 0; o0 < span; o0 += 16) {                                                          \
             const int64_t m = span - o0 < 16 ? span - o0 : 16, i0 = t0 + o0;                                 \
-            for (int64_t o = 0; o < 16; o++)                                                                 \
-                for (int64_t c = 0; c < chunks; c++)                                                         \
-                    _mm512_storeu_ps(rows + o * D + c * 16,                                                  \
-                                     o < m ? LOAD16(kb + (o0 + o) * row + c * 16) : _mm512_setzero_ps());    \
-            if (knext)                                                                                       \
-                for (int64_t o = 0; o < m; o++) prefetch_bytes(knext + (o0 + o) * row, D * (int64_t)sizeof(T)); \
-            for (int64_t r = (i0 < L0 ? 0 : i0 - L0 + 1) * G; r < nq; r++) {                                \
+            stage_rows_##SUFFIX(rows, kb + o0 * row, knext ? knext + o0 * row : NULL, row, m, D);            \
+            for (int64_t r = first_query_seeing(i0, L0, G); r < nq; r++) {                                 \
                 const float* qg = q + r / G * q_stride + r % G * D;                                          \
-                const int64_t seen = L0 + r / G - i0, valid = seen < m ? seen : m;                           \
+                const int64_t valid = positions_seen(r, G, L0, i0, m);                                       \
                 __m512 part[16];                                                                             \
                 for (int o = 0; o < 16; o++) part[o] = _mm512_setzero_ps();                                  \
                 for (int64_t c = 0; c < chunks; c++) {                                                       \
@@ -279,14 +296,10 @@ static inline void attend_run_fast_##SUFFIX(const float* q, int64_t q_stride, co
         const T* vnext = block_rows_##SUFFIX(v_cache, table, t0 / bs + 1, L, bs, Hkv, kh, D);               \
         for (int64_t o0 = 0; o0 < span; o0 += 16) {                                                          \
             const int64_t m = span - o0 < 16 ? span - o0 : 16, i0 = t0 + o0;                                 \
-            for (int64_t o = 0; o < m; o++)                                                                  \
-                for (int64_t c = 0; c < chunks; c++)                                                         \
-                    _mm512_storeu_ps(rows + o * D + c * 16, LOAD16(vb + (o0 + o) * row + c * 16));           \
-            if (vnext)                                                                                       \
-                for (int64_t o = 0; o < m; o++) prefetch_bytes(vnext + (o0 + o) * row, D * (int64_t)sizeof(T)); \
-            for (int64_t r = (i0 < L0 ? 0 : i0 - L0 + 1) * G; r < nq; r++) {                                \
+            stage_rows_##SUFFIX(rows, vb + o0 * row, vnext ? vnext + o0 * row : NULL, row, m, D);            \
+            for (int64_t r = first_query_seeing(i0, L0, G); r < nq; r++) {                                 \
                 const float* p = scores + r * L + i0;                                                        \
-                const int64_t seen = L0 + r / G - i0, valid = seen < m ? seen : m;                           \
+                const int64_t valid = positions_seen(r, G, L0, i0, m);                                       \
                 for (int64_t c = 0; c < chunks; c++) {                                                       \
                     __m512 acc = _mm512_loadu_ps(sums + r * D + c * 16);                                     \
                     for (int64_t o = 0; o < valid; o++)                                                      \
