@@ -78,7 +78,7 @@ int llama_forward(const LlamaLayer* layers, const LlamaShape* shape, const float
     int failed = 0;
 #pragma omp parallel
     {
-        float* work = (float*)malloc(sizeof(float) * (size_t)attend_work(G, D, max_len));  /* attention scores */
+        float* work = (float*)malloc(sizeof(float) * (size_t)attend_work(G, D, max_len));  /* attention */
         if (!work) {
 #pragma omp atomic write
             failed = 1;

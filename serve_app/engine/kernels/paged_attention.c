@@ -106,8 +106,8 @@ static int paged_decode_attention_f32(const float* q, const void* k_cache, const
 #pragma omp atomic write
             failed = 1;
         }
-        attend_tokens_shared(q, Hq * D, k_cache, v_cache, kv_f16, block_tables, bt_stride, lens, 0, N, NULL, 0, Hkv, G, D, bs,
-                             scale, scores, out);
+        attend_tokens_shared(q, Hq * D, k_cache, v_cache, kv_f16, block_tables, bt_stride, lens, 0, N, NULL, 0, Hkv,
+                             G, D, bs, scale, scores, out);
         free(scores);
     }
     return failed;
