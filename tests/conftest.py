@@ -73,6 +73,22 @@ def random_llama(tokenizer, initializer_range: float, intermediate_size: int = 1
     return LlamaForCausalLM(config).eval()
 
 
+def reference_decode_attention(q, k_cache, v_cache, tables, lens, scale: float):
+    """Softmax attention of each row's query [Hq, D] over the first lens[n] positions of its blocks
+    (tables [n, W] into caches [blocks, block_size, Hkv, D]), in float32, keys repeated per query
+    head (transformers' repeat_kv): what the paged decode paths must equal. -> [n, Hq, D]."""
+    import torch
+
+    groups = q.shape[1] // k_cache.shape[2]
+    out = []
+    for n in range(q.shape[0]):
+        keys = k_cache[tables[n]].float().flatten(0, 1)[:lens[n]].repeat_interleave(groups, 1)
+        values = v_cache[tables[n]].float().flatten(0, 1)[:lens[n]].repeat_interleave(groups, 1)
+        weights = (torch.einsum("hd,lhd->hl", q[n].float(), keys) * scale).softmax(-1)
+        out.append(torch.einsum("hl,lhd->hd", weights, values))
+    return torch.stack(out)
+
+
 def engine_factory(model, tokenizer):
     """make(max_model_len=2048, **ModelServingArgs fields) -> a BatchEngine on this model, configured as the
     app would be with those settings (the engine's defaults are the app's: see factory.engine_config)."""

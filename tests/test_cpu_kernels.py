@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from serve_app.engine import cpu_kernels
 from serve_app.engine.precision import choose_kv_dtype
 from serve_app.engine.types import GenerationRequest, SamplingParams
-from tests.conftest import engine_factory, random_llama
+from tests.conftest import engine_factory, random_llama, reference_decode_attention
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,11 +96,8 @@ def test_paged_decode_attention_equals_attention_over_gathered_blocks(rows, head
     q = torch.randn(rows, heads, head_dim, generator=gen)
     out = torch.empty_like(q)
     cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, out, head_dim ** -0.5)
-    for n in range(rows):
-        keys = k_cache[tables[n]].float().reshape(-1, kv_heads, head_dim)[:lens[n]].repeat_interleave(heads // kv_heads, 1)
-        values = v_cache[tables[n]].float().reshape(-1, kv_heads, head_dim)[:lens[n]].repeat_interleave(heads // kv_heads, 1)
-        weights = (torch.einsum("hd,lhd->hl", q[n], keys) * head_dim ** -0.5).softmax(-1)
-        torch.testing.assert_close(out[n], torch.einsum("hl,lhd->hd", weights, values), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, reference_decode_attention(q, k_cache, v_cache, tables, lens, head_dim ** -0.5),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_auto_kv_cache_is_float16_for_16_bit_weights_on_cpu_and_float32_for_float32_weights():
@@ -109,6 +106,8 @@ def test_auto_kv_cache_is_float16_for_16_bit_weights_on_cpu_and_float32_for_floa
     assert choose_kv_dtype("auto", torch.float32, cpu, torch.float32)[0] == torch.float32
     assert choose_kv_dtype("bfloat16", torch.float32, cpu, torch.bfloat16) == (torch.bfloat16, "configured")
     assert choose_kv_dtype("auto", torch.bfloat16, torch.device("cuda"), torch.bfloat16)[0] == torch.bfloat16
+    assert choose_kv_dtype("auto", torch.float32, torch.device("cuda"), torch.bfloat16)[0] == torch.float16
+    assert choose_kv_dtype("auto", torch.float32, torch.device("cuda"), torch.float32)[0] == torch.float32
 
 
 def greedy_outputs(engine, prompts: list[list[int]], max_tokens: int = 24) -> dict[str, list[int]]:

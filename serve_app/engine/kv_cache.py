@@ -1,6 +1,6 @@
 """The paged KV cache's memory: one preallocated tensor per layer for keys and one for values.
 
-Each is `[num_blocks + 1, block_size, kv_heads, head_dim]`; which sequence holds which block
+Each is `[num_blocks + 2, block_size, kv_heads, head_dim]`; which sequence holds which block
 is the block manager's business (block_manager.py). A token at position p of a sequence lives
 in slot `block_table[p // block_size] * block_size + p % block_size` of the flattened tensor
 (`Sequence.slot_map`). Nothing is copied when a sequence joins, grows or leaves.
@@ -18,9 +18,12 @@ class KVCache:
                  block_size: int, dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # One extra block past the end is the padding target of batched reads: always zero, never written.
+        # Two blocks past the end that no sequence holds: the padding target of batched reads
+        # (always zero, never written), and the scratch block that the padding rows of a captured
+        # decode step (decode_graphs.py) write into and read.
         self.pad_block = num_blocks
-        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
+        self.scratch_block = num_blocks + 1
+        shape = (num_blocks + 2, block_size, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 

@@ -24,7 +24,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from serve_app.engine.attention import (
-    AttentionLayout, decode_group, decode_rows, group_by_length, paged_attention, prefill_chunk, use_decode_kernel,
+    AttentionLayout,
+    decode_rows,
+    paged_attention,
+    prefill_chunk,
+    use_decode_kernel,
 )
 from serve_app.engine.kv_cache import KVCache
 from serve_app.engine.scheduler import ScheduledStep
@@ -84,23 +88,16 @@ def pack_step(plan: ScheduledStep, cache: KVCache, device: torch.device, dtype: 
     sampled: list[Sequence] = []
     logit_rows: list[int] = []
     decodes = plan.decodes
-    kernel = use_decode_kernel(cache, dtype)  # one call for every decoding row; else batched SDPA by length group
-    if kernel:
-        groups = [decodes] if decodes else []
-        if decodes:
-            layout.segments.append(decode_rows(cache, 0, decodes))
-    else:
-        groups = [[decodes[i] for i in group] for group in group_by_length([s.total_len for s in decodes])]
-    for seqs in groups:
-        if not kernel:
-            layout.segments.append(decode_group(cache, len(tokens), seqs))
-        for seq in seqs:
-            pos = seq.total_len - 1  # the last sampled token enters the cache now
-            logit_rows.append(len(tokens))
-            tokens.append(seq.output_ids[-1])
-            positions.append(pos)
-            writes.append(seq.slot_map[pos:pos + 1])
-            sampled.append(seq)
+    kernel = use_decode_kernel(cache, dtype)
+    if decodes:  # one segment for every decoding row
+        layout.segments.append(decode_rows(cache, 0, decodes))
+    for seq in decodes:
+        pos = seq.total_len - 1  # the last sampled token enters the cache now
+        logit_rows.append(len(tokens))
+        tokens.append(seq.output_ids[-1])
+        positions.append(pos)
+        writes.append(seq.slot_map[pos:pos + 1])
+        sampled.append(seq)
     for seq, n in plan.prefills:
         past = seq.num_cached
         layout.segments.append(prefill_chunk(cache, len(tokens), seq, past, n))
@@ -174,15 +171,16 @@ AttentionInterface.register(ATTENTION_NAME, _transformers_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # for the ordinary-forward fallback
 
 
-def build_runner(model, max_model_len: int, runner: str = "auto"):
-    """Our own forward for the Llama family, transformers' module for the rest (or when asked)."""
+def build_runner(model, max_model_len: int, runner: str = "auto", graph_rows: int = 0):
+    """Our own forward for the Llama family, transformers' module for the rest (or when asked).
+    graph_rows: decode steps of up to this many rows replay CUDA graphs (native runner, GPU)."""
     from serve_app.engine.llama import LlamaRunner, unsupported_reason
 
     if runner == "transformers":
         return TransformersRunner(model)
     reason = unsupported_reason(model.config, max_model_len)
     if reason is None:
-        return LlamaRunner(model, max_model_len)
+        return LlamaRunner(model, max_model_len, graph_rows)
     if runner == "native":
         raise ValueError(f"runner: native does not support this model: {reason}")
     logger.info("model runner: transformers (%s)", reason)

@@ -112,10 +112,14 @@ def choose_kv_dtype(requested: str, compute: torch.dtype, device: torch.device,
     positions more bytes than the weights, and the kernels widen float16 in registers; float16
     keeps 11 significant bits where the bf16 weights keep 8 (top-1 agreement with a float32 cache
     1.000, tests/test_precision.py), as llama.cpp's default F16 cache does. float32 weights keep a
-    float32 cache (exact against transformers), and elsewhere the attention's own dtype.
+    float32 cache (exact against transformers). On a GPU, 16-bit weights with float32 attention
+    (the native runner) get a float16 cache too (decode attention computes in it:
+    attention.gpu_attention_dtype). Elsewhere (transformers' module) the attention's own dtype.
     float16/bfloat16 also halve the cache's memory."""
     if requested != "auto":
         return DTYPES[requested], "configured"
+    if device.type == "cuda" and weights != torch.float32 and compute == torch.float32:
+        return torch.float16, "auto: 16-bit weights on a GPU: a float16 cache (half the memory and bytes read)"
     if device.type == "cpu" and weights != torch.float32 and compute == torch.float32:
         from serve_app.engine import cpu_kernels  # here: cpu_kernels imports this module (cpu_flags)
 
