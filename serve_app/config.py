@@ -95,9 +95,9 @@ class ModelArgs(BaseModel):
         "where the CPU has AVX512-BF16/AMX), other checkpoints bfloat16 only where a startup check finds native bf16 "
         "faster, else float32. Activations are float32 on CPU either way.")
     kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="The KV cache. auto: on CPU float16 when the weights are 16-bit (decode attention "
-        "reads half the bytes), float32 for float32 weights; on GPU the attention's dtype. float16/bfloat16 halve "
-        "the cache's memory.")
+        "auto", description="The KV cache. auto: float16 when the weights are 16-bit (decode attention reads "
+        "half the bytes; on GPU with the native runner, on CPU with the compiled kernels), float32 for float32 "
+        "weights, else the attention's dtype. float16/bfloat16 halve the cache's memory.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU Ray assigned, else CPU.")
     max_model_len: int | None = Field(
         None, gt=0, description="Context limit for prompt + completion; for an embedding model, tokens of one "
@@ -137,6 +137,11 @@ class ModelArgs(BaseModel):
     runner: Literal["auto", "native", "transformers"] = Field(
         "auto", description="The forward pass: native = our own for the Llama family (Llama, Mistral, "
         "Qwen2, Qwen3); transformers = the model's transformers module; auto = native where supported.",
+    )
+    cuda_graphs: bool = Field(
+        True, description="On a GPU, with the native runner: replay decode steps (up to max_batch_size rows, "
+        "256 at most) from CUDA graphs captured at their first use, one launch per step instead of one per "
+        "operation; off: every operation is launched from Python. No effect on a CPU.",
     )
     kv_cache_tokens: int | None = Field(
         None, ge=16, description="Tokens the paged KV cache of a replica holds; a sequence is admitted when "

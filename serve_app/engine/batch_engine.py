@@ -39,7 +39,8 @@ class BatchEngine:
     def __init__(self, model, tokenizer, eos_token_ids: Iterable[int], config: EngineConfig):
         self.config = config
         horizon = attention_horizon(weights_per_token(model), model.config)
-        self.runner = build_runner(model, config.max_model_len, config.runner)
+        self.runner = build_runner(model, config.max_model_len, config.runner,
+                                   graph_rows=config.max_num_seqs if config.cuda_graphs else 0)
         self.tokenizer = tokenizer
         self.device = self.runner.device
         self.dtype = self.runner.dtype
@@ -114,6 +115,8 @@ class BatchEngine:
             "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             "kv_cache_dtype_reason": self.kv_dtype_reason,
             "runner": self.runner.name,
+            # captured decode graphs (rows, blocks); None where decode steps are not replayed (CPU)
+            "cuda_graphs": sorted(graphs.graphs) if (graphs := getattr(self.runner, "graphs", None)) else None,
             "kv_cache_tokens": blocks.capacity_tokens,
             "kv_cache_free_blocks": blocks.num_free_blocks,
             "kv_cache_blocks": blocks.num_blocks,

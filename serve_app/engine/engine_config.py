@@ -20,6 +20,7 @@ class EngineConfig:
     enable_prefix_caching: bool
     cache_salt: str  # keeps this model's cached blocks apart from any other's
     runner: Literal["auto", "native", "transformers"]
+    cuda_graphs: bool  # replay GPU decode steps from captured graphs (decode_graphs.py)
     grammar_cache_size: int  # compiled grammars kept
     kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"]
     block_size: int = BLOCK_SIZE

@@ -41,6 +41,7 @@ def engine_config(args: ModelServingArgs, device_type: str, max_model_len: int) 
         enable_prefix_caching=args.enable_prefix_caching,
         cache_salt=args.model,
         runner=args.runner,
+        cuda_graphs=args.cuda_graphs,
         grammar_cache_size=args.grammar_cache_size,
         kv_cache_dtype=args.kv_cache_dtype,
     )

@@ -5,7 +5,9 @@ rearranged once: q/k/v into one matrix and gate/up into another (one matrix prod
 instead of three and two), the rotary embedding as cos/sin tables for every position (built
 by transformers' own rotary module, so every rope type it precomputes is exact). A step runs
 every packed token through the layers with no per-module Python, attends over the paged cache
-(attention.py), and computes the LM head only for the rows that sample.
+(attention.py), and computes the LM head only for the rows that sample. On a CPU, small steps
+run as one compiled call (cpu_kernels.LlamaForward); on a GPU, decode steps replay captured
+CUDA graphs (decode_graphs.py).
 
 Precision: the weights are in the model's dtype; everything between the matrix products (the
 residual stream, norms, rotary, attention, SiLU) is float32, as llama.cpp keeps its
@@ -23,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from serve_app.engine import cpu_kernels
-from serve_app.engine.attention import paged_attention
+from serve_app.engine.attention import gpu_attention_dtype, paged_attention, paged_decode, write_kv
+from serve_app.engine.decode_graphs import DecodeGraphs
 from serve_app.engine.precision import cpu_has_native_bf16
 
 # rope types whose tables do not depend on the sequence length (transformers precomputes them)
@@ -121,7 +124,8 @@ def _cat(*tensors: torch.Tensor | None) -> torch.Tensor | None:
 class LlamaRunner:
     name = "native"
 
-    def __init__(self, model, max_model_len: int):
+    def __init__(self, model, max_model_len: int, graph_rows: int = 0):
+        """graph_rows: on a GPU, replay decode steps of up to this many rows from CUDA graphs (0: never)."""
         config = model.config
         self.config = config
         self.dtype = model.dtype
@@ -155,6 +159,9 @@ class LlamaRunner:
                         and all(p.bf16w is not None for p in projections)
                         and self.layers[0].q_norm is None and self.head_dim % 2 == 0)
         self._fused: tuple | None = None  # (the KV cache, its LlamaForward)
+        self.vocab = model.lm_head.weight.shape[0]
+        self.max_model_len = max_model_len
+        self.graphs = self.decode_graphs(graph_rows) if graph_rows and self.device.type == "cuda" else None
 
     def _layer(self, layer) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
@@ -232,23 +239,51 @@ class LlamaRunner:
                 kv_heads=self.num_kv_heads, head_dim=self.head_dim, eps=self.eps, scale=self.scale))
         return self._fused[1]
 
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The final hidden states [T, hidden] (float32, normed) of the packed tokens;
+        attend(q, k, v, layer) stores the layer's keys and values and returns its attention."""
+        T = input_ids.shape[0]
+        q_size = self.num_heads * self.head_dim
+        x = F.embedding(input_ids, self.embed).float()  # the residual stream, float32
+        h = self._add_norm(x, None, self.layers[0].input_norm)
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+        for i, (w, next_norm) in enumerate(zip(self.layers, next_norms)):
+            qkv = w.qkv(h).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            q, k, v = self._rotary(qkv, w, positions)
+            o = attend(q, k, v, i)
+            h = self._add_norm(x, w.o(o.view(T, q_size)), w.post_norm)
+            h = self._add_norm(x, w.down(self._silu_mul(w.gate_up(h))), next_norm)
+        return h
+
+    def decode_forward(self, cache, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """Logits [n, vocab] of n decoding rows, one token each, over `cache`, with shapes fixed by
+        n and the tables' width and no reads back to the host: what decode_graphs.py captures."""
+
+        def attend(q, k, v, layer):
+            write_kv(cache, layer, slots, k, v)
+            k_cache = cache.keys[layer]
+            return paged_decode(q, k_cache, cache.values[layer], tables, lens, self.scale,
+                                gpu_attention_dtype(q, k_cache))
+
+        return self.lm_head(self._layers(ids, positions, attend))
+
+    def decode_graphs(self, max_rows: int, capture: bool = True) -> DecodeGraphs:
+        """Graphs of decode_forward for steps of up to max_rows rows (capture=False: rerun, for a CPU)."""
+        return DecodeGraphs(self.decode_forward, max_rows, self.max_model_len, self.vocab, capture)
+
     @torch.inference_mode()
     def forward(self, step) -> torch.Tensor:
         """Logits [rows, vocab] (float32) for the step's `logit_rows`."""
+        if self.graphs is not None and (shape := self.graphs.shape(step)) is not None:
+            logits = self.graphs(step, shape)
+            if logits is not None:
+                return logits
         fused = self._fused_forward(step)
         if fused is not None:
             x = F.embedding(step.input_ids, self.embed).float()
             h = fused(x, step.positions, step.layout.write_slots, step.token_tables)
             return self.lm_head(h.index_select(0, step.logit_rows))
-        T = step.input_ids.shape[0]
-        q_size = self.num_heads * self.head_dim
-        x = F.embedding(step.input_ids, self.embed).float()  # the residual stream, float32
-        h = self._add_norm(x, None, self.layers[0].input_norm)
-        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
-        for i, (w, next_norm) in enumerate(zip(self.layers, next_norms)):
-            qkv = w.qkv(h).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-            q, k, v = self._rotary(qkv, w, step.positions)
-            o = paged_attention(q, k, v, i, step.layout, self.scale)
-            h = self._add_norm(x, w.o(o.view(T, q_size)), w.post_norm)
-            h = self._add_norm(x, w.down(self._silu_mul(w.gate_up(h))), next_norm)
+        h = self._layers(step.input_ids, step.positions,
+                         lambda q, k, v, layer: paged_attention(q, k, v, layer, step.layout, self.scale))
         return self.lm_head(h.index_select(0, step.logit_rows))
