@@ -54,7 +54,8 @@ def test_a_request_that_outlives_the_lease_timeout_keeps_its_lease(ray_cluster):
     serve.run(build_app({**APP_ARGS, "lease_timeout_s": 0.5}), name="leases", route_prefix="/leases")
     base = f"{ray_cluster}/leases"
     try:
-        body = {"model": TINY, "prompt": "renew", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+        # 8 choices: several lease periods long on fast hosts too (one choice took 1.0 s on an EPYC)
+        body = {"model": TINY, "prompt": "renew", "max_tokens": 1900, "ignore_eos": True, "stream": True, "n": 8}
         started = time.monotonic()
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
             assert r.status_code == 200

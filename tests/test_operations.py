@@ -69,7 +69,9 @@ def test_counters_and_histograms_move_by_the_requests_served(ops_app, metrics_ur
     assert moved("ray_vllm_prompt_tokens_total") > 0
     assert moved("ray_vllm_e2e_request_latency_seconds_count") == N
     assert moved("ray_vllm_time_to_first_token_seconds_count") == N
-    assert moved("ray_vllm_inter_token_latency_seconds_count") >= N  # several messages per request
+    # One sample per message after a stream's first; how many messages 5 tokens make depends on the
+    # host (an engine that outpaces its reader coalesces them), so only that the histogram moves.
+    assert moved("ray_vllm_inter_token_latency_seconds_count") > 0
     assert moved("ray_vllm_request_queue_time_seconds_count") == N
     assert moved("ray_serve_app_request_errors_total", status="400", code="invalid_value") == 1
     assert moved("ray_serve_app_request_errors_total", status="404", code="not_found") == 1
