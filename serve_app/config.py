@@ -194,7 +194,9 @@ class AppWideArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     stream_interval_s: float = Field(
-        0.02, ge=0, le=1, description="Least time between two stream messages per hop; tokens in between are merged."
+        0.005, ge=0, le=1, description="Least time between two stream messages per hop; tokens in between are "
+        "merged. Bounds the message rate where decode steps are faster than the serving processes take messages; "
+        "above a decode step's time it becomes the stream's token gap."
     )
     max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     request_timeout_s: float | None = Field(
