@@ -55,13 +55,18 @@ def measure(engines: dict[str, BatchEngine], rounds: int) -> dict[tuple[str, str
     for _ in range(rounds):
         for rows, label in ((1, STEPS[0]), (8, STEPS[1]), (32, STEPS[2])):
             for variant, engine in engines.items():
-                for i in range(rows):
-                    engine.add(request(f"r{i}", prompts[i][:128], 16))
+                for i in range(rows):  # room for the steps that prefill the others, then 16 of all rows
+                    engine.add(request(f"r{i}", prompts[i][:128], 64))
                 while engine.waiting or any(not s.prefilled for s in engine.running):
                     engine.step()
+                for _ in range(16):  # only steps that decode every row (rows prefilled first finish first)
+                    engine.step()
+                    if len(engine.running) == rows:
+                        times.setdefault((variant, label), []).append(engine.last_step_seconds * 1e3)
+                for i in range(rows):
+                    engine.cancel(f"r{i}")
                 while engine.has_work:
                     engine.step()
-                    times.setdefault((variant, label), []).append(engine.last_step_seconds * 1e3)
         for variant, engine in engines.items():
             engine.add(request("prefill", prompts[0], 1))
             start = time.perf_counter()
