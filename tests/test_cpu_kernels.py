@@ -135,10 +135,10 @@ def test_an_engine_on_bf16_weights_decodes_as_float32_over_the_same_weights(live
     intermediate 80 (not a multiple of the 32-column block): the MLP's product and activation
     as two passes instead of one; kv: both engines' cache (float16: the fused forward's
     conversions and attention against torch's and the float16 decode kernel's). On a CPU with bf16
-    instructions, oneDNN's bf16 products (activations rounded to bf16) would take over from 16
-    rows and the tokens could differ: that path's accuracy is test_precision's; here our kernels
+    instructions, oneDNN's bf16 products (activations rounded to bf16) would take over in larger
+    steps and the tokens could differ: that path's accuracy is test_precision's; here our kernels
     do every product."""
-    monkeypatch.setattr(llama, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(llama, "native_bf16_min_tokens", lambda: None)
     _, tokenizer = lively_model
     model = random_llama(tokenizer, init, intermediate)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)

@@ -4,8 +4,9 @@ text, teacher-forced through the engine's own packed forward, compared with floa
 
 - float32 weights with a float16 KV cache (half the bytes attention reads);
 - bfloat16 weights (what `dtype: auto` serves a bf16 checkpoint with: on a CPU without bf16
-  instructions our kernel multiplies them in float32; with them, oneDNN's bf16 products from 16
-  rows), with a float16 or a bfloat16 KV cache.
+  instructions our kernel multiplies them in float32; with them, oneDNN's bf16 products in
+  steps of `precision.native_bf16_min_tokens()` tokens and more: the 256-token chunks here),
+  with a float16 or a bfloat16 KV cache.
 
 Targets (issue 18): top-1 agreement with float32 >= 98%, perplexity within 1%, and the
 log-probability of each actual next token close to float32's.

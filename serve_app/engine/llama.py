@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from serve_app.engine import cpu_kernels
 from serve_app.engine.attention import gpu_attention_dtype, paged_attention, paged_decode, write_kv
 from serve_app.engine.decode_graphs import DecodeGraphs
-from serve_app.engine.precision import cpu_has_native_bf16
+from serve_app.engine.precision import native_bf16_min_tokens
 
 # rope types whose tables do not depend on the sequence length (transformers precomputes them)
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
@@ -55,7 +55,6 @@ def unsupported_reason(config, max_model_len: int) -> str | None:
 
 
 PACKED_MIN_ROWS = 4  # below this a plain (GEMV) product is faster than oneDNN's packed one
-NATIVE_BF16_MIN_ROWS = 16  # CPUs with bf16 instructions: oneDNN's bf16 products from here up
 
 
 class Projection:
@@ -65,8 +64,9 @@ class Projection:
     - bfloat16 W on a CPU: our kernel (cpu_kernels.BF16WeightLinear) reads W as bfloat16 and
       multiplies in float32: half the bytes of float32, float32 arithmetic. Where the CPU has
       bf16 instructions (AVX512-BF16, AMX), oneDNN's bf16 products (activations rounded to
-      bf16) take over from NATIVE_BF16_MIN_ROWS rows, where arithmetic, not bytes, bounds them;
-      never for `exact_activations` (the LM head: its products decide between near-tied tokens).
+      bf16) take over from `precision.native_bf16_min_tokens()` rows, where arithmetic, not
+      bytes, bounds them; never for `exact_activations` (the LM head: its products decide
+      between near-tied tokens).
     - float32 W on a CPU with oneDNN: also kept packed in oneDNN's blocked layout, used from
       PACKED_MIN_ROWS rows up: MKL's plain sgemm repacks W on every call, which dominated the
       products of a decode step (32 rows x SmolLM2's 576 x 3072 gate/up: 1.9 ms plain, 0.6 ms
@@ -84,10 +84,11 @@ class Projection:
         device = self.weight.device
         if self.weight.dtype == torch.bfloat16 and cpu_kernels.has_bf16_weight_linear(device):
             self.bf16w = cpu_kernels.BF16WeightLinear(self.weight, self.bias)
-            if exact_activations or not cpu_has_native_bf16():
+            native_from = native_bf16_min_tokens()
+            if exact_activations or native_from is None:
                 self.weight = None  # only the packed copy is read: free a fused (q/k/v, gate/up) matrix
                 return
-            self.native_from = NATIVE_BF16_MIN_ROWS
+            self.native_from = native_from
         if device.type == "cpu" and self.weight.dtype in (torch.float32, torch.bfloat16) \
                 and torch.backends.mkldnn.is_available():
             try:
@@ -230,8 +231,9 @@ class LlamaRunner:
         if step.token_tables is None or not self.fusable:
             return None
         cache = step.layout.cache
-        if cache.keys[0].dtype not in (torch.float32, torch.float16) or (cpu_has_native_bf16()
-                                                    and len(step.input_ids) >= NATIVE_BF16_MIN_ROWS):
+        native_from = native_bf16_min_tokens()  # oneDNN's bf16 products: the unfused path
+        if cache.keys[0].dtype not in (torch.float32, torch.float16) or (native_from is not None
+                                                                         and len(step.input_ids) >= native_from):
             return None
         if self._fused is None or self._fused[0] is not cache:
             self._fused = (cache, cpu_kernels.LlamaForward(

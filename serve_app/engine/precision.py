@@ -43,6 +43,22 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
+def native_bf16_min_tokens() -> int | None:
+    """Tokens per step from which oneDNN's bf16 products (activations rounded to bf16) take over
+    from our float32-arithmetic kernels and the fused forward for bf16 weights on this CPU; None
+    where it has no bf16 instructions. AVX512-BF16 alone (AMD Zen 4/5, Intel Cooper Lake): 96,
+    measured on a Zen 5 by stepping both paths alternately (docs/performance.md): the fused
+    forward is 1.2-1.5x faster up to 32 decode rows + 32 prompt tokens, even at ~70-95 tokens,
+    and oneDNN 1.15x faster from ~130. AMX (Intel Sapphire Rapids on): 16, not measured here; its
+    tile products are several times AVX512-BF16's, so arithmetic bounds them from fewer rows."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return 16
+    if "avx512_bf16" in flags:
+        return 96
+    return None
+
+
 def checkpoint_dtype(config) -> torch.dtype | None:
     """The dtype the checkpoint's weights were saved in, as its config says (None if unsaid)."""
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -91,10 +107,8 @@ def choose_dtype(requested: str, device: torch.device, config=None, runner: str 
         return torch.float32, f"auto: float32 on {device.type}"
     native = [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()]
     if checkpoint_dtype(config) == torch.bfloat16 and bf16_weight_kernel_runs(config, runner, device):
-        from serve_app.engine.llama import NATIVE_BF16_MIN_ROWS
-
-        how = f"bf16 products on {'+'.join(native)} from {NATIVE_BF16_MIN_ROWS} rows, else float32" if native else \
-            "products in float32 (this CPU has no bf16 instructions)"
+        how = f"bf16 products on {'+'.join(native)} from {native_bf16_min_tokens()} tokens per step, else " \
+            "float32" if native else "products in float32 (this CPU has no bf16 instructions)"
         return torch.bfloat16, f"auto: a bfloat16 checkpoint keeps its weights (half float32's bytes); {how}"
     if not native:
         return torch.float32, "auto: this CPU has no native bfloat16 (no AVX512-BF16 or AMX): float32"
