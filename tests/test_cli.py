@@ -1,5 +1,6 @@
 """`serve-app` against a running app, as a subprocess (the installed entry point)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,9 @@ def test_status_lists_replicas_and_devices(server):
     r = cli("--url", server, "status")
     assert r.returncode == 0, r.stderr
     assert "ready" in r.stdout and "replica" in r.stdout and "cpu" in r.stdout
-    assert "prefix cache hits" in r.stdout and "dtype float32: " in r.stdout  # the precision and why
+    # The precision and why: the tiny float32 checkpoint stays float32, or becomes bfloat16 where the
+    # CPU has bf16 instructions and the startup measurement finds them faster (precision.py).
+    assert "prefix cache hits" in r.stdout and re.search(r"dtype (float32|bfloat16): auto: ", r.stdout), r.stdout
 
 
 def test_errors_are_one_line_without_a_traceback(server):

@@ -100,7 +100,11 @@ def test_a_killed_model_replica_fails_its_requests_cleanly_and_the_app_recovers(
     """Runs last in this module: it kills the module's model replica."""
     import ray
 
-    body = {"model": TINY, "prompt": "hello", "max_tokens": 1900, "temperature": 0, "ignore_eos": True}
+    # Sampled, so no prompt-lookup drafts shorten it: a greedy 1,900-token stream could end within
+    # the 0.3 s below on a fast host. One choice each: both fit the replica's KV cache (4,096 tokens),
+    # so neither waits in a queue (a waiting request is served by the next replica instead).
+    body = {"model": TINY, "prompt": "hello", "max_tokens": 1900, "temperature": 1.0, "seed": 1,
+            "ignore_eos": True}
     unary = {}
     waiter = threading.Thread(target=lambda: unary.update(r=requests.post(
         f"{scaled_out}/v1/completions", json=body, timeout=120)))
@@ -109,7 +113,7 @@ def test_a_killed_model_replica_fails_its_requests_cleanly_and_the_app_recovers(
         lines = r.iter_lines()
         next(line for line in lines if line.startswith("data: {"))  # streaming has begun
         waiter.start()
-        time.sleep(0.5)
+        time.sleep(0.3)  # for the unary request to reach the replica
         replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                        if "scaled" in a["name"] and "ModelReplica" in a["name"])
         ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=False)
