@@ -76,3 +76,17 @@ def test_sixteen_bit_storage_keeps_top1_perplexity_and_logprobs(reference, dtype
     assert abs(math.exp(nll) / math.exp(nll_ref) - 1) <= 0.01
     # The stated logprob tolerance: the mean error in a token's log-probability.
     assert token_lp_diff.mean().item() <= (0.01 if dtype == "float32" else 0.05)
+
+
+def test_the_bf16_measurement_is_made_once_per_machine_and_shared(tmp_path, monkeypatch):
+    """Every replica on a machine reads the first one's figures, so all pick the same dtype."""
+    from serve_app.engine import precision
+
+    monkeypatch.setenv("SERVE_APP_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(precision, "_matmul_seconds", lambda dtype, rows: calls.append(rows) or
+                        (2.0 if dtype == torch.float32 else 1.0 + len(calls)))
+    first = precision.bf16_speedup()
+    assert len(calls) == 4 and first == (2.0 / 3.0, 2.0 / 5.0)
+    assert precision.bf16_speedup() == first and len(calls) == 4  # read back, not measured again
+    assert [p.name.startswith("bf16-speedup-") for p in tmp_path.iterdir()] == [True]

@@ -15,7 +15,10 @@ half the bytes, float32 arithmetic. On a CPU, auto therefore takes:
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -91,8 +94,33 @@ def _matmul_seconds(dtype: torch.dtype, rows: int, size: int = 1024, repeats: in
 
 
 def bf16_speedup() -> tuple[float, float]:
-    """float32 time / bfloat16 time of a decode-sized matrix product, at 1 and 32 rows."""
-    return tuple(_matmul_seconds(torch.float32, rows) / _matmul_seconds(torch.bfloat16, rows) for rows in (1, 32))
+    """float32 time / bfloat16 time of a decode-sized matrix product, at 1 and 32 rows: measured
+    once per machine (CPU flags, torch version, threads) and kept in the serve_app cache, so that
+    every replica and every restart on it decides the same. Measured by each replica, a speed-up
+    near MIN_SPEEDUP gave two replicas of one model different dtypes (embeddings ~1e-3 apart)."""
+    from serve_app.engine.builtin_models import cache_root  # (it imports nothing of this module)
+
+    key = hashlib.sha256(" ".join([torch.__version__, str(torch.get_num_threads()), *sorted(cpu_flags())])
+                         .encode()).hexdigest()[:16]
+    path = cache_root() / f"bf16-speedup-{key}.json"
+    try:
+        return tuple(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        pass
+    measured = tuple(_matmul_seconds(torch.float32, rows) / _matmul_seconds(torch.bfloat16, rows) for rows in (1, 32))
+    try:  # the first replica's figures win: written whole, never replaced
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(measured))
+        try:
+            os.link(tmp, path)
+        finally:
+            tmp.unlink()
+        return measured
+    except FileExistsError:
+        return tuple(json.loads(path.read_text()))
+    except OSError:  # a read-only cache: this replica's own measurement
+        return measured
 
 
 def choose_dtype(requested: str, device: torch.device, config=None, runner: str = "auto") -> tuple[torch.dtype, str]:
