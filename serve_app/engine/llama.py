@@ -160,6 +160,7 @@ class LlamaRunner:
                         and all(p.bf16w is not None for p in projections)
                         and self.layers[0].q_norm is None and self.head_dim % 2 == 0)
         self._fused: tuple | None = None  # (the KV cache, its LlamaForward)
+        self.native_from = native_bf16_min_tokens()  # steps this large take oneDNN's bf16 products, unfused
         self.vocab = model.lm_head.weight.shape[0]
         self.max_model_len = max_model_len
         self.graphs = self.decode_graphs(graph_rows) if graph_rows and self.device.type == "cuda" else None
@@ -231,9 +232,8 @@ class LlamaRunner:
         if step.token_tables is None or not self.fusable:
             return None
         cache = step.layout.cache
-        native_from = native_bf16_min_tokens()  # oneDNN's bf16 products: the unfused path
-        if cache.keys[0].dtype not in (torch.float32, torch.float16) or (native_from is not None
-                                                                         and len(step.input_ids) >= native_from):
+        if cache.keys[0].dtype not in (torch.float32, torch.float16) or (
+                self.native_from is not None and len(step.input_ids) >= self.native_from):
             return None
         if self._fused is None or self._fused[0] is not cache:
             self._fused = (cache, cpu_kernels.LlamaForward(
